@@ -1,0 +1,13 @@
+"""Palate: a private, per-user daemon that learns a personal reward model.
+
+The package is a library first: every part (protocol, events, store, keys, model)
+is usable without the daemon, and the CLI (`palate.cli`) is a thin layer on top.
+"""
+
+__version__ = "0.1.0"
+
+#: Wire API level. Raised only when methods or keys are added (additive-only);
+#: a signature never changes within a level. See docs/protocol.md.
+API_LEVEL = 1
+
+__all__ = ["API_LEVEL", "__version__"]

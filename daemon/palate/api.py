@@ -1,0 +1,247 @@
+"""The daemon's methods, as plain async functions over the store writer.
+
+The socket server (``server.py``) is a thin transport over this class: it
+decodes a request, calls ``Api.dispatch(method, params)`` and encodes what comes
+back. Parameter checking lives here so every transport enforces the same rules.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import API_LEVEL, __version__
+from .errors import PalateError
+from .events import MAX_BATCH, validate_event
+from .keys import KeyStatus
+from .protocol import LIMITS
+from .store import IngestGroup, Store, export_jsonl
+from .writer import StoreWriter
+
+MIN_API_LEVEL = 1
+MAX_CURSOR_BYTES = 64 * 1024
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def _param(
+    params: Mapping[str, Any], name: str, types: type | tuple[type, ...], *, required: bool = False
+) -> Any:
+    if name not in params or params[name] is None:
+        if required:
+            raise PalateError("invalid_request", f"missing parameter {name!r}", {"param": name})
+        return None
+    value = params[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise PalateError(
+            "invalid_request", f"parameter {name!r} has the wrong type", {"param": name}
+        )
+    if not isinstance(value, types):
+        raise PalateError(
+            "invalid_request",
+            f"parameter {name!r} has the wrong type ({type(value).__name__})",
+            {"param": name},
+        )
+    return value
+
+
+def _no_extra(params: Mapping[str, Any], allowed: set[str]) -> None:
+    extra = [str(k)[:64] for k in params if k not in allowed]
+    if extra:
+        raise PalateError(
+            "invalid_request",
+            f"unknown parameter(s): {', '.join(extra)}",
+            {"unknown": extra, "allowed": sorted(allowed)},
+        )
+
+
+class Api:
+    """Every wire method of api level 1. Stateless apart from the store writer."""
+
+    def __init__(self, writer: StoreWriter, key_status: KeyStatus, socket_path: Path) -> None:
+        self.writer = writer
+        self.key_status = key_status
+        self.socket_path = socket_path
+        self.started = time.time()
+        self.methods: dict[str, Handler] = {
+            "hello": self.hello,
+            "ingest": self.ingest,
+            "ingest_batch": self.ingest_batch,
+            "status": self.status,
+            "cursors": self.cursors,
+            "forget": self.forget,
+            "export": self.export,
+        }
+
+    async def dispatch(self, method: str, params: Mapping[str, Any]) -> Any:
+        handler = self.methods.get(method)
+        if handler is None:
+            raise PalateError(
+                "unknown_method",
+                f"unknown method {method[:64]!r}; this daemon speaks api level {API_LEVEL}",
+                {"methods": sorted(self.methods)},
+            )
+        return await handler(params)
+
+    async def hello(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Handshake: who we are, which api level, which methods, which limits."""
+        _no_extra(params, {"client", "api_level"})
+        _param(params, "client", str)
+        wanted = _param(params, "api_level", int)
+        if wanted is not None and wanted < MIN_API_LEVEL:
+            raise PalateError(
+                "invalid_request",
+                f"api level {wanted} is no longer supported; "
+                f"this daemon supports {MIN_API_LEVEL}..{API_LEVEL}",
+            )
+        return {
+            "name": "palate",
+            "version": __version__,
+            "api_level": API_LEVEL,
+            "min_api_level": MIN_API_LEVEL,
+            "methods": sorted(self.methods),
+            "limits": {**LIMITS, "max_batch_events": MAX_BATCH},
+            "pid": os.getpid(),
+        }
+
+    async def ingest(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """One event; acknowledged only after its durable commit."""
+        _no_extra(params, {"event"})
+        event = validate_event(_param(params, "event", dict, required=True))
+        (result,) = await self.writer.ingest(IngestGroup([event]))
+        return result.to_wire()
+
+    async def ingest_batch(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Many events (and an adapter cursor) committed atomically: all or none."""
+        _no_extra(params, {"events", "cursor"})
+        raw = _param(params, "events", (list, tuple), required=True)
+        if not raw:
+            raise PalateError("invalid_request", "events must not be empty")
+        if len(raw) > MAX_BATCH:
+            raise PalateError(
+                "too_large",
+                f"a batch holds at most {MAX_BATCH} events, got {len(raw)}; split it",
+                {"max_batch_events": MAX_BATCH},
+            )
+        events, errors = [], []
+        now = time.time()
+        for i, obj in enumerate(raw):
+            try:
+                events.append(validate_event(obj, now=now, index=i))
+            except PalateError as e:
+                errors.extend(e.details.get("errors", []))
+        if errors:
+            raise PalateError(
+                "invalid_event",
+                f"batch rejected, nothing stored: {errors[0]['field']} {errors[0]['reason']}"
+                + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+                {"errors": errors},
+            )
+        cursor = self._cursor(params.get("cursor"))
+        results = await self.writer.ingest(IngestGroup(events, cursor))
+        dup = sum(r.duplicate for r in results)
+        return {
+            "accepted": len(results) - dup,
+            "duplicates": dup,
+            "results": [r.to_wire() for r in results],
+        }
+
+    @staticmethod
+    def _cursor(obj: Any) -> dict[str, Any] | None:
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise PalateError("invalid_request", "cursor must be a map {adapter, key, value}")
+        _no_extra(obj, {"adapter", "key", "value"})
+        adapter = _param(obj, "adapter", str, required=True)
+        key = _param(obj, "key", str, required=True)
+        if not adapter or len(adapter) > 64 or not key or len(key) > 1024:
+            raise PalateError(
+                "invalid_request",
+                "cursor adapter (1-64 chars) and key (1-1024 chars) must be non-empty strings",
+            )
+        if "value" not in obj:
+            raise PalateError("invalid_request", "cursor needs a value")
+        from .protocol import pack
+
+        if len(pack(obj["value"])) > MAX_CURSOR_BYTES:
+            raise PalateError("too_large", f"cursor value exceeds {MAX_CURSOR_BYTES} bytes")
+        return {"adapter": adapter, "key": key, "value": obj["value"]}
+
+    async def cursors(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The cursors an adapter committed, so it resumes where its last batch ended."""
+        _no_extra(params, {"adapter"})
+        adapter = _param(params, "adapter", str, required=True)
+        return {
+            "adapter": adapter,
+            "cursors": await self.writer.call(lambda s: s.get_cursors(adapter)),
+        }
+
+    async def status(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        _no_extra(params, set())
+
+        def read(s: Store) -> dict[str, Any]:
+            return {
+                "events": s.counts(),
+                "db": {
+                    "path": str(s.path),
+                    "size_bytes": s.size_bytes(),
+                    "schema_version": s.schema_version(),
+                },
+            }
+
+        info = await self.writer.call(read)
+        return {
+            **info,
+            "key_backend": self.key_status.backend,
+            "key": {k: v for k, v in self.key_status.to_dict().items() if k != "key_id"},
+            "daemon": {
+                "version": __version__,
+                "api_level": API_LEVEL,
+                "pid": os.getpid(),
+                "started": self.started,
+                "uptime_s": round(time.time() - self.started, 3),
+                "socket": str(self.socket_path),
+                "commits": self.writer.commits,
+            },
+        }
+
+    async def forget(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Delete events for real (see Store.forget). Needs an explicit selector."""
+        _no_extra(params, {"ids", "source", "since", "until", "all"})
+        ids = _param(params, "ids", (list, tuple))
+        if ids is not None and (not ids or not all(isinstance(i, str) for i in ids)):
+            raise PalateError("invalid_request", "ids must be a non-empty array of strings")
+        source = _param(params, "source", str)
+        since = _param(params, "since", (int, float))
+        until = _param(params, "until", (int, float))
+        everything = bool(_param(params, "all", bool))
+        if everything and any(x is not None for x in (ids, source, since, until)):
+            raise PalateError("invalid_request", "all cannot be combined with other selectors")
+        if not everything and all(x is None for x in (ids, source, since, until)):
+            raise PalateError(
+                "invalid_request", "forget needs a selector: ids, source, since/until, or all=true"
+            )
+        n = await self.writer.call(
+            lambda s: s.forget(
+                ids=list(ids) if ids is not None else None,
+                source=source,
+                since=None if since is None else float(since),
+                until=None if until is None else float(until),
+                everything=everything,
+            )
+        )
+        return {"deleted": n}
+
+    async def export(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Write every event as JSONL to an absolute path the user named."""
+        _no_extra(params, {"path", "overwrite"})
+        path = Path(_param(params, "path", str, required=True))
+        overwrite = bool(_param(params, "overwrite", bool))
+        n = await self.writer.call(
+            lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)
+        )
+        return {"path": str(path), "count": n}

@@ -1,0 +1,177 @@
+"""The daemon process: one lock, one store thread, one socket, clean shutdown.
+
+Start-up order is chosen so a failure never harms data: take the lock (so two
+daemons never share a database), unwrap the key (creating one only for a brand
+new home), open and migrate the store, and only then bind the socket. On
+SIGTERM/SIGINT it stops accepting, lets in-flight requests finish, commits and
+checkpoints the store and exits 0, well inside launchd's 20 s budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+from . import __version__
+from .api import Api
+from .config import Config, load_config
+from .errors import PalateError
+from .keys import KeyManager, zero
+from .paths import Paths, ensure_private_dir, resolve
+from .server import Server
+from .store import Store
+from .writer import StoreWriter
+
+log = logging.getLogger("palate")
+
+SHUTDOWN_BUDGET_S = 8.0
+
+
+class DaemonLock:
+    """An flock on ``daemon.lock``: held for the daemon's whole life.
+
+    The kernel drops the lock when the process dies, even by kill -9, so a stale
+    socket file left behind is detected as stale (lock free) and replaced.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held until release()
+        os.chmod(self.path, 0o600)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise PalateError(
+                    "conflict",
+                    f"another Palate daemon (pid {holder}) already runs for this home; "
+                    "stop it first (`palate service stop` or kill it)",
+                    {"pid": holder},
+                ) from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def setup_logging(paths: Paths, level: str, *, stderr: bool = True) -> None:
+    """Log to a 0600 rotating file in the home and to stderr (launchd/systemd capture it).
+
+    Log lines never contain event text or key material: only counts, ids of
+    errors and state changes.
+    """
+    root = logging.getLogger("palate")
+    root.setLevel(level.upper())
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    old = os.umask(0o077)
+    try:
+        fh = logging.handlers.RotatingFileHandler(
+            paths.log_dir / "daemon.log", maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+        )
+    finally:
+        os.umask(old)
+    fh.setFormatter(fmt)
+    root.handlers = [fh]
+    if stderr:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+
+
+def open_store(paths: Paths, config: Config) -> tuple[Store, KeyManager]:
+    """Unwrap (or, for a new home, create) the key and open the store with it."""
+    keys = KeyManager(paths, config.key_backend)
+    if keys.exists():
+        dek = keys.unwrap()
+    elif paths.db_file.exists():
+        raise PalateError(
+            "key_error",
+            f"the database {paths.db_file} exists but its key file {paths.key_file} is missing; "
+            "restore key.json from a backup. No new key was created.",
+        )
+    else:
+        dek = keys.create()
+    try:
+        store = Store(paths.db_file, dek)
+    finally:
+        zero(dek)
+    return store, keys
+
+
+class Daemon:
+    def __init__(self, paths: Paths, config: Config) -> None:
+        self.paths = paths
+        self.config = config
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        store, keys = open_store(self.paths, self.config)
+        writer = StoreWriter(store)
+        writer.start()
+        status = keys.status()
+        if status.warning:
+            log.warning("%s", status.warning)
+        api = Api(writer, status, self.paths.socket)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.socket)  # stale: we hold the lock, so nobody serves it
+        server = Server(api, str(self.paths.socket))
+        await server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info(
+            "palate %s listening on %s (key backend: %s)",
+            __version__,
+            self.paths.socket,
+            status.backend,
+        )
+        print(
+            f"palate daemon {__version__} ready on {self.paths.socket}", file=sys.stderr, flush=True
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down")
+            await server.stop(SHUTDOWN_BUDGET_S)
+            await asyncio.get_running_loop().run_in_executor(None, writer.stop)
+            log.info("stopped cleanly")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_daemon(home: Path | None = None, *, log_level: str | None = None) -> None:
+    """Run in the foreground until SIGTERM/SIGINT. Raises PalateError on start-up failure."""
+    paths = resolve(home)
+    paths.ensure()
+    config = load_config(paths)
+    setup_logging(paths, log_level or config.log_level)
+    lock = DaemonLock(paths.lock_file)
+    lock.acquire()
+    try:
+        ensure_private_dir(paths.socket.parent)
+        asyncio.run(Daemon(paths, config).run())
+    finally:
+        lock.release()

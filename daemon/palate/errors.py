@@ -1,0 +1,69 @@
+"""One error type for the whole library, with stable wire codes.
+
+Every failure a client can see is a :class:`PalateError` carrying a code from
+:data:`ERROR_CODES`. The codes are part of the wire contract (docs/protocol.md):
+they are never renamed, and a retired code is never reused for something else.
+The CLI maps them to exit codes; the socket server sends them as
+``{code, message, details}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Stable error codes and what each means. Adding a code is additive; removing or
+#: repurposing one is a breaking change of the api level.
+ERROR_CODES: dict[str, str] = {
+    "invalid_request": "The message is not a well-formed request (framing, types, params).",
+    "invalid_event": "An event failed validation; details name each field and reason.",
+    "too_large": "A frame, string, array or batch exceeds a documented limit.",
+    "unknown_method": "The method name is not part of this api level.",
+    "busy": "Too many requests in flight or queued; retry with backoff.",
+    "unauthorized": "The peer is not the user who owns the daemon.",
+    "not_found": "The named object (model, cursor, file) does not exist.",
+    "conflict": "The request conflicts with existing state (e.g. a file that exists).",
+    "storage_full": "The disk is full; nothing was written. Free space and retry.",
+    "storage_error": "The encrypted store failed; nothing was acknowledged.",
+    "key_error": "The data key could not be obtained or does not open the store.",
+    "unavailable": "The daemon is shutting down or not running.",
+    "model_error": "A model could not be loaded, trained or used.",
+    "internal": "A bug in Palate; the daemon kept running. Please report it.",
+}
+
+
+class PalateError(Exception):
+    """An error with a stable code, a human message and structured details.
+
+    The message says what happened and what to do next; details carry the data a
+    program needs (field names, limits, offending indices).
+    """
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as it travels on the socket: ``{code, message, details}``."""
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> PalateError:
+        """Rebuild an error received from the daemon, tolerating unknown codes."""
+        if not isinstance(obj, dict):
+            return cls("internal", f"malformed error from daemon: {obj!r}")
+        code = obj.get("code")
+        message = str(obj.get("message", ""))
+        raw = obj.get("details")
+        details: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        if code not in ERROR_CODES:
+            # A newer daemon may send a code this client does not know yet.
+            details = {**details, "code": code}
+            code = "internal"
+        return cls(str(code), message, details)
+
+    def __repr__(self) -> str:
+        return f"PalateError({self.code!r}, {self.message!r})"

@@ -1,0 +1,132 @@
+"""Where Palate keeps its state, and how those places are made safe.
+
+``PALATE_HOME=DIR`` puts everything (config, database, key file, socket, logs)
+under DIR, which is what tests and outside checks rely on. Without it the
+platform's conventional per-user locations are used. Every directory Palate
+creates is 0700 and checked with ``lstat`` (not a symlink, owned by us, no group
+or other bits) because the socket's safety rests on its directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PalateError
+
+#: Usable bytes in ``sun_path``: 104 on macOS (103 + NUL), 108 on Linux. We use the
+#: smaller everywhere so a path that works here also works on a Mac.
+MAX_SOCKET_PATH = 103
+
+
+@dataclass(frozen=True)
+class Paths:
+    """All locations derived from one home directory."""
+
+    home: Path
+    config_file: Path
+    data_dir: Path
+    db_file: Path
+    key_file: Path
+    log_dir: Path
+    run_dir: Path
+    socket: Path
+    lock_file: Path
+
+    def ensure(self) -> None:
+        """Create the private directories (0700), refusing unsafe existing ones."""
+        for d in (self.home, self.data_dir, self.log_dir, self.run_dir, self.socket.parent):
+            ensure_private_dir(d)
+
+
+def default_home() -> Path:
+    """The per-user home when ``PALATE_HOME`` is unset."""
+    env = os.environ.get("PALATE_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "Palate"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "palate"
+
+
+def resolve(home: Path | None = None) -> Paths:
+    """Compute every path from ``home`` (or the default) without touching disk."""
+    home = (home or default_home()).absolute()
+    data = home / "data"
+    run = _runtime_dir(home)
+    return Paths(
+        home=home,
+        config_file=home / "config.toml",
+        data_dir=data,
+        db_file=data / "palate.db",
+        key_file=data / "key.json",
+        log_dir=home / "logs",
+        run_dir=run,
+        socket=socket_path(run),
+        lock_file=run / "daemon.lock",
+    )
+
+
+def _runtime_dir(home: Path) -> Path:
+    # Under an explicit PALATE_HOME everything stays inside it (tests run several
+    # daemons side by side). Otherwise prefer the runtime dir, which is a tmpfs
+    # cleaned at logout on Linux, so a stale socket cannot outlive a session.
+    if "PALATE_HOME" not in os.environ:
+        xdg_run = os.environ.get("XDG_RUNTIME_DIR")
+        if xdg_run and Path(xdg_run).is_dir():
+            return Path(xdg_run) / "palate"
+    return home / "run"
+
+
+def socket_path(run_dir: Path) -> Path:
+    """The socket path, or a short hashed fallback when ``run_dir`` is too long.
+
+    Long paths are common on macOS (``~/Library/Application Support/...`` under a
+    long user name, or deep test temp dirs). Truncation is never an option: it
+    once made ``unlink`` and ``bind`` act on different files in other projects.
+    """
+    p = run_dir / "palate.sock"
+    if len(os.fsencode(str(p))) <= MAX_SOCKET_PATH:
+        return p
+    digest = hashlib.sha256(os.fsencode(str(run_dir))).hexdigest()[:16]
+    short_root = Path(tempfile.gettempdir()) / f"palate-{os.getuid()}"
+    if len(os.fsencode(str(short_root))) > MAX_SOCKET_PATH - 24:
+        short_root = Path("/tmp") / f"palate-{os.getuid()}"
+    return short_root / f"{digest}.sock"
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Make ``path`` a directory only we can enter, or fail loudly.
+
+    An existing directory must not be a symlink, must be owned by us and must not
+    be accessible to group or others; we tighten the mode of a directory we own
+    but never chmod one we do not.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise PalateError(
+            "storage_error", f"cannot create directory {path}: {e.strerror}", {"path": str(path)}
+        ) from e
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PalateError(
+            "unauthorized",
+            f"{path} is not a real directory (symlink or file); refusing to use it",
+            {"path": str(path)},
+        )
+    if st.st_uid != os.getuid():
+        raise PalateError(
+            "unauthorized",
+            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing it",
+            {"path": str(path)},
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)

@@ -1,0 +1,257 @@
+"""The socket transport: accept, authenticate, frame, dispatch, answer.
+
+Every connection is checked against the peer's uid (SO_PEERCRED on Linux,
+LOCAL_PEERCRED on macOS) before a single byte is decoded: the 0700 socket
+directory keeps other users out, and this check keeps them out even if that
+directory is ever made reachable. Decoding is streaming and bounded by the
+limits in ``protocol.py``. A malformed frame costs the offender its connection,
+never the daemon or another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import sys
+from typing import Any
+
+import msgpack
+
+from . import protocol
+from .api import Api
+from .errors import PalateError
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+SOL_LOCAL = 0  # macOS
+LOCAL_PEERCRED = 0x001  # macOS
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket."""
+    if sys.platform.startswith("linux"):
+        so_peercred = getattr(socket, "SO_PEERCRED", 17)
+        data = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", data)
+        return int(uid)
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        # struct xucred { u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]; }
+        data = sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, struct.calcsize("2Ih16I"))
+        _version, uid = struct.unpack_from("2I", data)
+        return int(uid)
+    raise OSError(f"peer credentials are not supported on {sys.platform}")
+
+
+class Connection:
+    """One client: its decoder, its in-flight requests and its write lock."""
+
+    def __init__(
+        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.unpacker = protocol.make_unpacker()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._write_lock:
+            if self.writer.is_closing():
+                return
+            self.writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await asyncio.wait_for(
+                        self.reader.read(READ_CHUNK), protocol.IDLE_TIMEOUT_S
+                    )
+                except asyncio.TimeoutError:
+                    await self.send(
+                        protocol.connection_error(
+                            PalateError("invalid_request", "idle for too long; closing")
+                        )
+                    )
+                    return
+                if not data:
+                    return
+                try:
+                    self.unpacker.feed(data)
+                except msgpack.BufferFull:
+                    await self._fatal(
+                        "too_large",
+                        f"a message exceeds the {protocol.MAX_FRAME_BYTES}-byte frame limit",
+                    )
+                    return
+                if not await self._drain_messages():
+                    return
+        except ConnectionError:
+            return
+        finally:
+            await self._close()
+
+    async def _drain_messages(self) -> bool:
+        """Handle every complete message buffered so far. False: close the connection."""
+        while True:
+            try:
+                obj = next(self.unpacker)
+            except StopIteration:
+                return True
+            except msgpack.StackError:
+                await self._fatal("invalid_request", "message nested too deeply")
+                return False
+            except ValueError as e:
+                # msgpack reports limit violations and malformed bytes as ValueError
+                # subclasses; once it has failed the decoder cannot be trusted again.
+                text = str(e)
+                if "exceeds max" in text:
+                    await self._fatal("too_large", f"message exceeds a size limit ({text})")
+                else:
+                    await self._fatal("invalid_request", f"undecodable msgpack ({text[:120]})")
+                return False
+            except Exception as e:
+                await self._fatal("invalid_request", f"undecodable msgpack ({type(e).__name__})")
+                return False
+            try:
+                req = protocol.parse_message(obj)
+            except PalateError as e:
+                msgid = e.details.get("msgid")
+                if msgid is None:
+                    await self._fatal(e.code, e.message)
+                    return False
+                await self.send(protocol.response(msgid, e))
+                continue
+            if req.msgid is None:
+                # Notifications get no answer by definition; none is defined yet.
+                log.debug("ignored notification %s", req.method[:64])
+                continue
+            if len(self.tasks) >= protocol.MAX_IN_FLIGHT:
+                await self.send(
+                    protocol.response(
+                        req.msgid,
+                        PalateError(
+                            "busy",
+                            f"more than {protocol.MAX_IN_FLIGHT} requests in flight on this "
+                            "connection; wait for answers before sending more",
+                            {"max_in_flight": protocol.MAX_IN_FLIGHT},
+                        ),
+                    )
+                )
+                continue
+            task = asyncio.create_task(self._answer(req))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _answer(self, req: protocol.Request) -> None:
+        assert req.msgid is not None
+        try:
+            result = await self.server.api.dispatch(req.method, req.params)
+            payload = protocol.response(req.msgid, None, result)
+        except PalateError as e:
+            payload = protocol.response(req.msgid, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("method %s failed", req.method[:64])
+            payload = protocol.response(
+                req.msgid,
+                PalateError(
+                    "internal", "internal error; the daemon is still running (see its log)"
+                ),
+            )
+        await self.send(payload)
+
+    async def _fatal(self, code: str, message: str) -> None:
+        log.info("closing a connection: %s", message)
+        await self.send(protocol.connection_error(PalateError(code, message)))
+
+    async def _close(self) -> None:
+        # Let already-dispatched work finish (an acknowledged event must be answered
+        # if it committed), but do not wait forever on a client that went away.
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=10)
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+class Server:
+    """The listening socket and the set of live connections."""
+
+    def __init__(self, api: Api, path: str) -> None:
+        self.api = api
+        self.path = path
+        self.connections: set[Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.refused = 0
+
+    async def start(self) -> None:
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._on_connect, path=self.path, limit=READ_CHUNK
+            )
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            uid = peer_uid(sock)
+        except OSError as e:
+            log.warning("refusing a connection: cannot read peer credentials (%s)", e)
+            uid = -1
+        if uid != os.getuid():
+            self.refused += 1
+            log.warning(
+                "refused a connection from uid %d (daemon runs as uid %d)", uid, os.getuid()
+            )
+            await self._reject(
+                writer, PalateError("unauthorized", "this Palate daemon belongs to another user")
+            )
+            return
+        if len(self.connections) >= protocol.MAX_CONNECTIONS:
+            await self._reject(
+                writer,
+                PalateError("busy", f"too many connections (limit {protocol.MAX_CONNECTIONS})"),
+            )
+            return
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    @staticmethod
+    async def _reject(writer: asyncio.StreamWriter, err: PalateError) -> None:
+        with contextlib.suppress(Exception):
+            writer.write(protocol.connection_error(err))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+    async def stop(self, timeout: float = 8.0) -> None:
+        """Stop accepting, let in-flight requests finish, then drop connections."""
+        if self._server is not None:
+            self._server.close()
+        tasks: set[Any] = set()
+        for c in self.connections:
+            tasks |= c.tasks
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for c in list(self.connections):
+            with contextlib.suppress(Exception):
+                c.writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -1,0 +1,418 @@
+"""The encrypted store: one SQLCipher database for everything the user owns.
+
+Events, adapter cursors, the audit log (and, in later migrations, models and
+reports) live in one database encrypted page by page with the data key. The
+database runs in WAL mode with ``synchronous=FULL``: a commit that returned is
+on disk, which is what lets the daemon acknowledge an event only after it.
+``temp_store=MEMORY`` keeps sort spills and temp tables out of plaintext temp
+files; ``secure_delete`` zeroes deleted content before ``forget`` vacuums.
+
+This class is synchronous and not thread-safe: exactly one thread (the daemon's
+:class:`palate.writer.StoreWriter`) uses a given instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import sqlcipher3.dbapi2 as sqlite
+
+from .errors import PalateError
+
+log = logging.getLogger(__name__)
+
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+
+#: Numbered, append-only migrations. Never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "events, cursors, audit, meta",
+        """
+        CREATE TABLE events (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+            id       TEXT NOT NULL UNIQUE,
+            kind     TEXT NOT NULL,
+            source   TEXT NOT NULL,
+            ts       REAL NOT NULL,
+            received REAL NOT NULL,
+            body     BLOB NOT NULL
+        );
+        CREATE INDEX events_source ON events(source, kind);
+        CREATE INDEX events_ts ON events(ts);
+        CREATE TABLE cursors (
+            adapter TEXT NOT NULL,
+            key     TEXT NOT NULL,
+            value   BLOB NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (adapter, key)
+        );
+        CREATE TABLE audit (
+            seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts      REAL NOT NULL,
+            action  TEXT NOT NULL,
+            details TEXT NOT NULL
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass
+class IngestResult:
+    id: str
+    seq: int
+    duplicate: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "seq": self.seq, "duplicate": self.duplicate}
+
+
+@dataclass
+class IngestGroup:
+    """Events that commit (or fail) together, plus an optional adapter cursor."""
+
+    events: Sequence[Mapping[str, Any]]
+    cursor: Mapping[str, Any] | None = None
+
+
+def storage_error(e: BaseException, action: str) -> PalateError:
+    """Translate a SQLite failure into the documented error codes."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == SQLITE_FULL or (isinstance(e, OSError) and e.errno == 28):
+        return PalateError(
+            "storage_full", f"the disk is full; {action} was not done. Free some space and retry."
+        )
+    if primary in (SQLITE_NOTADB, SQLITE_CORRUPT):
+        return PalateError(
+            "key_error",
+            "the database does not open with this key, or it is damaged; nothing was "
+            "overwritten. Check `palate doctor`, or restore with your recovery key.",
+        )
+    return PalateError("storage_error", f"{action} failed in the encrypted store: {e}")
+
+
+class Store:
+    """The SQLCipher database of one Palate home."""
+
+    def __init__(self, path: Path, key: bytes | bytearray) -> None:
+        self.path = path
+        self._conn = self._open(path, key)
+
+    @staticmethod
+    def _open(path: Path, key: bytes | bytearray) -> sqlite.Connection:
+        existed = path.exists()
+        old_umask = os.umask(0o077)
+        try:
+            conn = sqlite.connect(str(path), isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        try:
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            conn.execute(f"PRAGMA key = \"x'{bytes(key).hex()}'\"")
+            # The first read decrypts page 1: a wrong key or a damaged file fails here,
+            # before anything could be written over it.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite.DatabaseError as e:
+            conn.close()
+            if existed:
+                raise storage_error(e, "opening the database") from e
+            raise
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = FULL",
+            "PRAGMA temp_store = MEMORY",
+            "PRAGMA secure_delete = ON",
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA busy_timeout = 5000",
+        ):
+            conn.execute(pragma).fetchall()
+        if sys.platform == "darwin":
+            # fsync on macOS does not flush the drive cache; F_FULLFSYNC does.
+            conn.execute("PRAGMA fullfsync = ON")
+            conn.execute("PRAGMA checkpoint_fullfsync = ON")
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if p.exists():
+                os.chmod(p, 0o600)
+        Store._migrate(conn)
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        newer = [v for v in done if v > SCHEMA_VERSION]
+        if newer:
+            raise PalateError(
+                "storage_error",
+                f"the database has schema version {max(newer)}, newer than this Palate "
+                f"({SCHEMA_VERSION}); upgrade Palate. Nothing was changed.",
+            )
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, sql.split(";")):
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time())
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("store migrated to schema %d (%s)", version, name)
+
+    # -- writes ----------------------------------------------------------------
+    def ingest(self, groups: Sequence[IngestGroup]) -> list[list[IngestResult] | PalateError]:
+        """Commit several groups in ONE durable transaction (group commit).
+
+        Each group is isolated by a savepoint, so one failing group does not undo
+        the others; but every group shares the single fsync of the commit, which is
+        what makes many small acknowledged writes cheap. If the commit itself fails
+        nothing is acknowledged and every group gets the error.
+        """
+        out: list[list[IngestResult] | PalateError] = []
+        now = time.time()
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite.Error as e:
+            err = storage_error(e, "ingest")
+            return [err for _ in groups]
+        try:
+            for group in groups:
+                c.execute("SAVEPOINT g")
+                try:
+                    out.append(self._insert_group(group, now))
+                    c.execute("RELEASE g")
+                except sqlite.Error as e:
+                    c.execute("ROLLBACK TO g")
+                    c.execute("RELEASE g")
+                    out.append(storage_error(e, "ingest"))
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            err = storage_error(e, "ingest")
+            with contextlib.suppress(sqlite.Error):
+                c.execute("ROLLBACK")
+            return [err for _ in groups]
+        return out
+
+    def _insert_group(self, group: IngestGroup, now: float) -> list[IngestResult]:
+        c = self._conn
+        results: list[IngestResult] = []
+        for ev in group.events:
+            row = c.execute(
+                "INSERT INTO events (id, kind, source, ts, received, body) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING RETURNING seq",
+                (
+                    ev["id"],
+                    ev["kind"],
+                    ev["source"],
+                    ev["ts"],
+                    now,
+                    msgpack.packb(dict(ev), use_bin_type=True),
+                ),
+            ).fetchone()
+            if row is not None:
+                results.append(IngestResult(ev["id"], row[0], False))
+            else:
+                seq = c.execute("SELECT seq FROM events WHERE id = ?", (ev["id"],)).fetchone()[0]
+                results.append(IngestResult(ev["id"], seq, True))
+        if group.cursor is not None:
+            cur = group.cursor
+            c.execute(
+                "INSERT INTO cursors (adapter, key, value, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(adapter, key) DO UPDATE SET value = excluded.value, "
+                "updated = excluded.updated",
+                (cur["adapter"], cur["key"], msgpack.packb(cur["value"], use_bin_type=True), now),
+            )
+        return results
+
+    def audit(self, action: str, details: Mapping[str, Any]) -> None:
+        """Record an administrative action. Details must never hold user content."""
+        self._conn.execute(
+            "INSERT INTO audit (ts, action, details) VALUES (?, ?, ?)",
+            (time.time(), action, json.dumps(dict(details), sort_keys=True)),
+        )
+
+    def forget(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Delete matching events for real: secure_delete, VACUUM, WAL truncate.
+
+        Adapter cursors are kept on purpose: dropping them would make an adapter
+        re-import the very feedback the user just asked to forget.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        if not everything:
+            if ids is not None:
+                where.append(f"id IN ({','.join('?' * len(ids))})")
+                args.extend(ids)
+            if source is not None:
+                where.append("source = ?")
+                args.append(source)
+            if since is not None:
+                where.append("ts >= ?")
+                args.append(since)
+            if until is not None:
+                where.append("ts < ?")
+                args.append(until)
+            if not where:
+                raise PalateError(
+                    "invalid_request", "forget needs ids, source, since/until, or all"
+                )
+        sql = "DELETE FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            n = c.execute(sql, args).rowcount
+            self.audit(
+                "forget",
+                {
+                    "deleted": n,
+                    "all": everything,
+                    "by_ids": ids is not None and len(ids),
+                    "source": source,
+                    "since": since,
+                    "until": until,
+                },
+            )
+            c.execute("COMMIT")
+            # VACUUM rewrites the file without the freed pages; the checkpoint then
+            # empties the WAL, which may still hold pre-delete page images.
+            c.execute("VACUUM")
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "forget") from e
+        return n
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file (on shutdown, and after forget)."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite.Error as e:
+            log.warning("checkpoint failed: %s", e)
+
+    # -- reads -----------------------------------------------------------------
+    def counts(self) -> dict[str, Any]:
+        by_kind = dict(self._conn.execute("SELECT kind, count(*) FROM events GROUP BY kind"))
+        by_source = dict(self._conn.execute("SELECT source, count(*) FROM events GROUP BY source"))
+        return {"total": sum(by_kind.values()), "by_kind": by_kind, "by_source": by_source}
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def iter_events(self, batch: int = 500) -> Iterator[dict[str, Any]]:
+        """Every stored event in arrival order, as its canonical map."""
+        last = 0
+        while True:
+            rows = self._conn.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for seq, body in rows:
+                ev: dict[str, Any] = msgpack.unpackb(body, raw=False)
+                ev["seq"] = seq
+                yield ev
+            last = rows[-1][0]
+
+    def get_cursors(self, adapter: str) -> dict[str, Any]:
+        rows = self._conn.execute(
+            "SELECT key, value FROM cursors WHERE adapter = ?", (adapter,)
+        ).fetchall()
+        return {k: msgpack.unpackb(v, raw=False) for k, v in rows}
+
+    def integrity_check(self) -> str:
+        return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._conn.close()
+
+
+def export_jsonl(events: Iterator[Mapping[str, Any]], path: Path, *, overwrite: bool) -> int:
+    """Write events as JSONL to a path the user chose, atomically, mode 0600.
+
+    The user asked for plaintext here, at this path, so this is the one place
+    Palate writes their data unencrypted. A partial export never appears under
+    the final name.
+    """
+    path = path.expanduser()
+    if not path.is_absolute():
+        raise PalateError("invalid_request", f"export path must be absolute, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise PalateError("not_found", f"directory {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise PalateError("conflict", f"{path} already exists; pass overwrite to replace it")
+    tmp = path.with_name(f".{path.name}.partial")
+    n = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ev in events:
+                out = {k: v for k, v in ev.items() if k not in ("seq", "v")}
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == 28:
+            raise PalateError("storage_full", f"the disk is full; export to {path} failed") from e
+        raise PalateError("storage_error", f"export to {path} failed: {e.strerror}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def check_key(path: Path, key: bytes | bytearray) -> None:
+    """Raise ``key_error`` unless ``key`` opens the database at ``path`` (read-only probe)."""
+    conn = sqlite.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA cipher_log_level = NONE")
+        conn.execute(f"PRAGMA key = \"x'{bytes(key).hex()}'\"")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite.DatabaseError as e:
+        raise storage_error(e, "checking the key") from e
+    finally:
+        conn.close()

@@ -1,0 +1,144 @@
+"""The one thread that owns the database, and group commit.
+
+SQLite allows one writer at a time and every durable commit costs an fsync, so
+the daemon funnels all store work through a single thread. Ingest requests that
+arrive while a commit is in progress are gathered and committed together in the
+next transaction: under load many clients share one fsync (throughput), at low
+load a lone request commits immediately (latency). Everything else (status,
+export, forget) runs on the same thread, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .errors import PalateError
+from .store import IngestGroup, IngestResult, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Upper bound of events folded into one transaction; keeps commit latency bounded.
+MAX_EVENTS_PER_COMMIT = 20_000
+#: Jobs allowed to wait; beyond this the daemon answers ``busy`` instead of queueing.
+MAX_QUEUED = 4_096
+
+
+class _Ingest:
+    __slots__ = ("future", "group")
+
+    def __init__(self, group: IngestGroup) -> None:
+        self.group = group
+        self.future: Future[list[IngestResult]] = Future()
+
+
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[Store], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+
+_STOP = object()
+
+
+class StoreWriter:
+    """Runs every store operation on one thread; batches ingests into shared commits."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=MAX_QUEUED)
+        self._thread = threading.Thread(target=self._run, name="palate-store", daemon=True)
+        self.commits = 0
+        self.committed_events = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            raise PalateError(
+                "busy", "the store queue is full; retry shortly", {"queued": MAX_QUEUED}
+            ) from None
+
+    async def ingest(self, group: IngestGroup) -> list[IngestResult]:
+        """Queue ``group`` and wait until it is durably committed."""
+        item = _Ingest(group)
+        self._put(item)
+        return await asyncio.wrap_future(item.future)
+
+    async def call(self, fn: Callable[[Store], T]) -> T:
+        """Run ``fn(store)`` on the store thread and wait for its result."""
+        item = _Call(fn)
+        self._put(item)
+        result: T = await asyncio.wrap_future(item.future)
+        return result
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish queued work, checkpoint and close the database."""
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        pending: Any = None
+        while True:
+            item = pending if pending is not None else self._q.get()
+            pending = None
+            if item is _STOP:
+                break
+            if isinstance(item, _Call):
+                self._run_call(item)
+                continue
+            batch = [item]
+            n = len(item.group.events)
+            # Gather whatever else is already waiting: these share the commit.
+            while n < MAX_EVENTS_PER_COMMIT:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, _Ingest):
+                    pending = nxt
+                    break
+                batch.append(nxt)
+                n += len(nxt.group.events)
+            self._run_ingest(batch)
+        try:
+            self.store.close()
+        except Exception:
+            log.exception("closing the store failed")
+
+    def _run_call(self, item: _Call) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            item.future.set_result(item.fn(self.store))
+        except BaseException as e:
+            item.future.set_exception(e)
+
+    def _run_ingest(self, batch: list[_Ingest]) -> None:
+        live = [b for b in batch if b.future.set_running_or_notify_cancel()]
+        try:
+            results = self.store.ingest([b.group for b in live])
+        except BaseException as e:  # a bug, not a storage error: fail these, keep running
+            log.exception("ingest failed unexpectedly")
+            for b in live:
+                b.future.set_exception(e)
+            return
+        self.commits += 1
+        for b, r in zip(live, results, strict=False):
+            if isinstance(r, PalateError):
+                b.future.set_exception(r)
+            else:
+                self.committed_events += len(r)
+                b.future.set_result(r)
