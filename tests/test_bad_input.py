@@ -279,3 +279,19 @@ def test_decoder_fuzz_against_live_daemon(palate_daemon: DaemonProc, data: bytes
 def test_daemon_alive_after_fuzz(palate_daemon: DaemonProc) -> None:
     assert_still_serving(palate_daemon)
     assert os.path.exists(palate_daemon.paths.socket)
+
+
+def test_connection_limit_answers_busy(palate_daemon: DaemonProc) -> None:
+    conns = []
+    try:
+        for _ in range(protocol.MAX_CONNECTIONS):
+            c = palate_daemon.client(timeout=10)
+            c.hello()
+            conns.append(c)
+        extra = raw_conn(palate_daemon)
+        assert closing_error(read_all(extra))["code"] == "busy"
+        extra.close()
+    finally:
+        for c in conns:
+            c.close()
+    assert_still_serving(palate_daemon)
