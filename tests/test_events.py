@@ -187,6 +187,8 @@ def test_to_examples() -> None:
     (ex,) = to_examples(ev)
     assert isinstance(ex, PairExample)
     assert (ex.chosen, ex.rejected, ex.margin, ex.weight, ex.domain) == ("a", "b", 1.0, 1.0, "code")
+    zero = validate_event(pair(confidence=0.0), now=NOW)
+    assert to_examples(zero)[0].weight == 0.0, "confidence 0 means no weight, not full weight"
     edit = validate_event(
         {"kind": "edit", "source": "s", "prompt": "p", "original": "old", "edited": "new"}, now=NOW
     )

@@ -61,7 +61,9 @@ def _no_extra(params: Mapping[str, Any], allowed: set[str]) -> None:
 class Api:
     """Every wire method of api level 1. Stateless apart from the store writer."""
 
-    def __init__(self, writer: StoreWriter, key_status: KeyStatus, socket_path: Path) -> None:
+    def __init__(
+        self, writer: StoreWriter, key_status: Callable[[], KeyStatus], socket_path: Path
+    ) -> None:
         self.writer = writer
         self.key_status = key_status
         self.socket_path = socket_path
@@ -194,10 +196,11 @@ class Api:
             }
 
         info = await self.writer.call(read)
+        key = self.key_status()  # read fresh: `palate key rotate` may have run since start
         return {
             **info,
-            "key_backend": self.key_status.backend,
-            "key": {k: v for k, v in self.key_status.to_dict().items() if k != "key_id"},
+            "key_backend": key.backend,
+            "key": {k: v for k, v in key.to_dict().items() if k != "key_id"},
             "daemon": {
                 "version": __version__,
                 "api_level": API_LEVEL,
@@ -239,7 +242,7 @@ class Api:
     async def export(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Write every event as JSONL to an absolute path the user named."""
         _no_extra(params, {"path", "overwrite"})
-        path = Path(_param(params, "path", str, required=True))
+        path = Path(_param(params, "path", str, required=True)).expanduser()
         overwrite = bool(_param(params, "overwrite", bool))
         n = await self.writer.call(
             lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)

@@ -332,7 +332,7 @@ def key_status(as_json: bool) -> None:
     """Show where the key lives and whether a recovery key exists (never the key itself)."""
     from .keys import KeyManager
 
-    st = KeyManager(resolve()).status().to_dict()
+    st = KeyManager.for_home(resolve()).status().to_dict()
     st.pop("key_id", None)
 
     def human(d: dict[str, Any]) -> None:
@@ -350,7 +350,7 @@ def key_recovery_export() -> None:
     """Print a new recovery key (the previous one stops working). Store it offline."""
     from .keys import KeyManager
 
-    code = KeyManager(resolve()).export_recovery()
+    code = KeyManager.for_home(resolve()).export_recovery()
     click.echo(code)
     click.echo(
         "Keep this recovery key somewhere safe and offline: with it (and your data "
@@ -371,7 +371,7 @@ def key_rotate(backend: str | None, as_json: bool) -> None:
     """Re-wrap the data key under a fresh key-encryption key."""
     from .keys import KeyManager
 
-    st = KeyManager(resolve()).rotate(backend).to_dict()
+    st = KeyManager.for_home(resolve()).rotate(backend).to_dict()
     st.pop("key_id", None)
     emit(st, as_json, lambda d: click.echo(f"rotated; key backend: {d['backend']}"))
 
@@ -392,7 +392,9 @@ def key_recover(code: str | None, backend: str | None) -> None:
     paths = resolve()
     if code is None:
         code = click.prompt("Recovery key", hide_input=True)
-    st = KeyManager(paths).recover(code, lambda dek: check_key(paths.db_file, dek), backend)
+    st = KeyManager.for_home(paths).recover(
+        code, lambda dek: check_key(paths.db_file, dek), backend
+    )
     click.echo(f"recovered; the key is now kept in: {st.backend}")
 
 

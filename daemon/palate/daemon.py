@@ -33,7 +33,10 @@ from .writer import StoreWriter
 
 log = logging.getLogger("palate")
 
-SHUTDOWN_BUDGET_S = 8.0
+#: Seconds to let in-flight requests finish on SIGTERM; the store then gets at most
+#: STORE_CLOSE_S to commit and checkpoint, keeping the total under 10 s.
+SHUTDOWN_BUDGET_S = 5.0
+STORE_CLOSE_S = 4.0
 
 
 class DaemonLock:
@@ -60,7 +63,7 @@ class DaemonLock:
                 raise PalateError(
                     "conflict",
                     f"another Palate daemon (pid {holder}) already runs for this home; "
-                    "stop it first (`palate service stop` or kill it)",
+                    f"stop it first (kill {holder})",
                     {"pid": holder},
                 ) from None
             raise
@@ -133,7 +136,7 @@ class Daemon:
         status = keys.status()
         if status.warning:
             log.warning("%s", status.warning)
-        api = Api(writer, status, self.paths.socket)
+        api = Api(writer, keys.status, self.paths.socket)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.socket)  # stale: we hold the lock, so nobody serves it
         server = Server(api, str(self.paths.socket))
@@ -155,15 +158,25 @@ class Daemon:
         finally:
             log.info("shutting down")
             await server.stop(SHUTDOWN_BUDGET_S)
-            await asyncio.get_running_loop().run_in_executor(None, writer.stop)
+            await asyncio.get_running_loop().run_in_executor(None, writer.stop, STORE_CLOSE_S)
             log.info("stopped cleanly")
 
     def stop(self) -> None:
         self._stop.set()
 
 
+def _exit_during_startup(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_daemon(home: Path | None = None, *, log_level: str | None = None) -> None:
     """Run in the foreground until SIGTERM/SIGINT. Raises PalateError on start-up failure."""
+    # Until the event loop takes over, a SIGTERM during start-up still means "exit 0":
+    # nothing has been acknowledged yet, and the lock and files are released by the OS.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_during_startup)
+    # Everything the daemon creates (logs, rotated logs, exports, temp files) is private.
+    os.umask(0o077)
     paths = resolve(home)
     paths.ensure()
     config = load_config(paths)

@@ -47,7 +47,7 @@ def _versions() -> Check:
 def _keychain(paths: Paths) -> Check:
     ok, detail = keyring_available()
     try:
-        status = KeyManager(paths).status()
+        status = KeyManager.for_home(paths).status()
     except PalateError as e:
         return Check("key", "fail", e.message, "restore key.json or run `palate key recover`")
     if status.backend == "file":
@@ -110,9 +110,13 @@ def _blas() -> Check:
     r = blas_report()
     detail = f"{r.blas} BLAS ({r.status.detail}); fp32 matmul {r.gflops:.1f} GFLOP/s on {r.device}"
     if r.blas == "reference":
-        return Check("blas", "warn", detail,
-                     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread); "
-                     "MLX's bundled reference BLAS is 20-40x slower")
+        return Check(
+            "blas",
+            "warn",
+            detail,
+            "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread); "
+            "MLX's bundled reference BLAS is 20-40x slower",
+        )
     return Check("blas", "ok", detail)
 
 

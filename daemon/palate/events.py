@@ -329,7 +329,7 @@ def to_examples(event: Mapping[str, Any]) -> list[PairExample | RatingExample]:
     adjacent pairs carry the full ordering without the O(n^2) blow-up that would
     let one long ranking dominate a night's data.
     """
-    weight = float(event.get("weight") or 1.0) * float(event.get("confidence", 1.0) or 1.0)
+    weight = float(event.get("weight", 1.0)) * float(event.get("confidence", 1.0))
     meta: dict[str, Any] = {
         "weight": weight,
         "source": str(event.get("source", "")),

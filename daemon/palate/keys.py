@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -238,6 +239,13 @@ class KeyManager:
             raise PalateError("key_error", f"key backend must be one of {BACKENDS}, got {pref!r}")
         self.preference = pref
 
+    @classmethod
+    def for_home(cls, paths: Paths) -> KeyManager:
+        """A manager honouring the home's config.toml (and PALATE_KEY_BACKEND)."""
+        from .config import load_config
+
+        return cls(paths, load_config(paths).key_backend)
+
     # -- file format ---------------------------------------------------------
     def _load(self) -> dict[str, Any] | None:
         try:
@@ -413,6 +421,9 @@ class KeyManager:
         try:
             verify(bytes(dek))
             self._rewrap(doc, dek, backend or self.preference)
+            # The old KEK is useless now (and may be gone with the keychain); drop it.
+            with contextlib.suppress(PalateError, OSError):
+                self._backend(doc["backend"]).delete(doc["ref"])
         finally:
             zero(dek)
         return self.status()

@@ -78,6 +78,8 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.unpacker = protocol.make_unpacker()
+        self.fed = 0  # bytes received on this connection
+        self.msg_start = 0  # stream offset where the message being decoded began
         self.tasks: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
 
@@ -97,6 +99,8 @@ class Connection:
                         self.reader.read(READ_CHUNK), protocol.IDLE_TIMEOUT_S
                     )
                 except asyncio.TimeoutError:
+                    if self.tasks:
+                        continue  # waiting on our own slow answer is not idling
                     await self.send(
                         protocol.connection_error(
                             PalateError("invalid_request", "idle for too long; closing")
@@ -105,8 +109,13 @@ class Connection:
                     return
                 if not data:
                     return
+                self.fed += len(data)
                 try:
                     self.unpacker.feed(data)
+                    # msgpack frees the decoded parts of a message as they arrive, so
+                    # max_buffer_size alone does not bound one message: count its bytes.
+                    if self.fed - self.msg_start > protocol.MAX_FRAME_BYTES:
+                        raise msgpack.BufferFull
                 except msgpack.BufferFull:
                     await self._fatal(
                         "too_large",
@@ -133,7 +142,7 @@ class Connection:
             except ValueError as e:
                 # msgpack reports limit violations and malformed bytes as ValueError
                 # subclasses; once it has failed the decoder cannot be trusted again.
-                text = str(e)
+                text = str(e) or type(e).__name__
                 if "exceeds max" in text:
                     await self._fatal("too_large", f"message exceeds a size limit ({text})")
                 else:
@@ -142,6 +151,7 @@ class Connection:
             except Exception as e:
                 await self._fatal("invalid_request", f"undecodable msgpack ({type(e).__name__})")
                 return False
+            self.msg_start = self.unpacker.tell()
             try:
                 req = protocol.parse_message(obj)
             except PalateError as e:

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import sqlcipher3.dbapi2 as sqlite
+
 from .errors import PalateError
-from .store import IngestGroup, IngestResult, Store
+from .store import IngestGroup, IngestResult, Store, storage_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,6 +125,8 @@ class StoreWriter:
             return
         try:
             item.future.set_result(item.fn(self.store))
+        except sqlite.Error as e:
+            item.future.set_exception(storage_error(e, "reading the store"))
         except BaseException as e:
             item.future.set_exception(e)
 
