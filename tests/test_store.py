@@ -143,3 +143,24 @@ def test_raw_sqlite_cannot_read_it(tmp_path: Path, key: bytes) -> None:
     conn = sqlite.connect(str(tmp_path / "p.db"))
     with pytest.raises(sqlite.DatabaseError):
         conn.execute("SELECT * FROM events").fetchall()
+
+
+def test_models_are_stored_encrypted_and_listed(tmp_path: Path, key: bytes) -> None:
+    s = Store(tmp_path / "p.db", key)
+    with pytest.raises(PalateError) as ei:
+        s.get_model()
+    assert ei.value.code == "not_found" and "palate train" in ei.value.message
+    blob = b"WEIGHTS-" + secrets.token_bytes(64)
+    v1 = s.add_model(base_model="builtin:x", meta={"accuracy": 0.7}, artifact=blob)
+    v2 = s.add_model(base_model="builtin:x", meta={"accuracy": 0.8}, artifact=blob + b"2")
+    assert v2 > v1
+    assert [m["version"] for m in s.list_models()] == [v2, v1]
+    meta, art = s.get_model()
+    assert meta["version"] == v2 and art == blob + b"2"
+    meta, art = s.get_model(v1)
+    assert meta["meta"] == {"accuracy": 0.7} and art == blob
+    with pytest.raises(ValueError):
+        s.add_model(base_model="b", meta={}, artifact=b"", state="bogus")
+    s.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert b"WEIGHTS-" not in raw

@@ -70,7 +70,26 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        "models: trained reward models with their artifacts and reports",
+        """
+        CREATE TABLE models (
+            version   INTEGER PRIMARY KEY AUTOINCREMENT,
+            created   REAL NOT NULL,
+            state     TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            meta      TEXT NOT NULL,
+            artifact  BLOB NOT NULL
+        );
+        CREATE INDEX models_state ON models(state);
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: Lifecycle states of a model version (the registry, a later part, moves them).
+MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
 
 
 @dataclass
@@ -356,6 +375,73 @@ class Store:
             "SELECT key, value FROM cursors WHERE adapter = ?", (adapter,)
         ).fetchall()
         return {k: msgpack.unpackb(v, raw=False) for k, v in rows}
+
+    # -- models ----------------------------------------------------------------
+    def add_model(
+        self, *, base_model: str, meta: Mapping[str, Any], artifact: bytes, state: str = "candidate"
+    ) -> int:
+        """Store a trained model (its weights are user-derived data, so they live here,
+        encrypted, and never as files in the data dir). Returns the new version."""
+        if state not in MODEL_STATES:
+            raise ValueError(f"unknown model state {state!r}")
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            version = c.execute(
+                "INSERT INTO models (created, state, base_model, meta, artifact) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING version",
+                (time.time(), state, base_model, json.dumps(dict(meta), sort_keys=True), artifact),
+            ).fetchone()[0]
+            self.audit("model_added", {"version": version, "state": state})
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "saving the model") from e
+        return int(version)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every version, newest first, without the artifact bytes."""
+        rows = self._conn.execute(
+            "SELECT version, created, state, base_model, meta, length(artifact) FROM models "
+            "ORDER BY version DESC"
+        ).fetchall()
+        return [
+            {
+                "version": v,
+                "created": c,
+                "state": s,
+                "base_model": b,
+                "meta": json.loads(m),
+                "size_bytes": n,
+            }
+            for v, c, s, b, m, n in rows
+        ]
+
+    def get_model(self, version: int | None = None) -> tuple[dict[str, Any], bytes]:
+        """A version's metadata and artifact; ``None`` means the deployed one, else the newest."""
+        if version is None:
+            row = self._conn.execute(
+                "SELECT version, created, state, base_model, meta, artifact FROM models "
+                "ORDER BY state = 'deployed' DESC, version DESC LIMIT 1"
+            ).fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT version, created, state, base_model, meta, artifact FROM models "
+                "WHERE version = ?",
+                (version,),
+            ).fetchone()
+        if row is None:
+            what = "no model has been trained yet" if version is None else f"no model {version}"
+            raise PalateError("not_found", f"{what}; train one with `palate train`")
+        v, c, s, b, m, art = row
+        return {
+            "version": v,
+            "created": c,
+            "state": s,
+            "base_model": b,
+            "meta": json.loads(m),
+        }, bytes(art)
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
