@@ -46,6 +46,19 @@ def daemon_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+_STARTED: list[DaemonProc] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_daemons() -> Iterator[None]:
+    """A failing test must not leave its daemon running: kill whatever is still alive."""
+    yield
+    while _STARTED:
+        d = _STARTED.pop()
+        if d.alive():
+            d.kill9()
+
+
 class DaemonProc:
     """A real ``palate daemon`` child process and helpers to talk to it."""
 
@@ -61,6 +74,7 @@ class DaemonProc:
         self.proc = subprocess.Popen(
             [*PALATE, "daemon"], env=self.env, stdout=self._log_fh, stderr=self._log_fh
         )
+        _STARTED.append(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

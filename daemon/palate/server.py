@@ -92,21 +92,37 @@ class Connection:
                 await self.writer.drain()
 
     async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._idle = False
+        me = asyncio.current_task()
+
+        def watchdog() -> None:
+            # A connection waiting on its own slow answer (a long forget) is not idle.
+            if self.tasks:
+                self._last = loop.time()
+            if loop.time() - self._last >= protocol.IDLE_TIMEOUT_S:
+                self._idle = True
+                if me is not None:
+                    me.cancel()
+            else:
+                self._timer = loop.call_at(self._last + protocol.IDLE_TIMEOUT_S, watchdog)
+
+        self._timer = loop.call_later(protocol.IDLE_TIMEOUT_S, watchdog)
         try:
             while True:
                 try:
-                    data = await asyncio.wait_for(
-                        self.reader.read(READ_CHUNK), protocol.IDLE_TIMEOUT_S
-                    )
-                except asyncio.TimeoutError:
-                    if self.tasks:
-                        continue  # waiting on our own slow answer is not idling
+                    data = await self.reader.read(READ_CHUNK)
+                except asyncio.CancelledError:
+                    if not self._idle:
+                        raise
                     await self.send(
                         protocol.connection_error(
                             PalateError("invalid_request", "idle for too long; closing")
                         )
                     )
                     return
+                self._last = loop.time()
                 if not data:
                     return
                 self.fed += len(data)
@@ -127,6 +143,7 @@ class Connection:
         except ConnectionError:
             return
         finally:
+            self._timer.cancel()
             await self._close()
 
     async def _drain_messages(self) -> bool:

@@ -133,6 +133,8 @@ class Store:
     def __init__(self, path: Path, key: bytes | bytearray) -> None:
         self.path = path
         self._conn = self._open(path, key)
+        self._cur = self._conn.cursor()
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     @staticmethod
     def _open(path: Path, key: bytes | bytearray) -> sqlite.Connection:
@@ -221,6 +223,13 @@ class Store:
             return [err for _ in groups]
         try:
             for group in groups:
+                if len(group.events) == 1 and group.cursor is None:
+                    # One statement is atomic on its own: no savepoint needed.
+                    try:
+                        out.append(self._insert_group(group, now))
+                    except sqlite.Error as e:
+                        out.append(storage_error(e, "ingest"))
+                    continue
                 c.execute("SAVEPOINT g")
                 try:
                     out.append(self._insert_group(group, now))
@@ -238,7 +247,8 @@ class Store:
         return out
 
     def _insert_group(self, group: IngestGroup, now: float) -> list[IngestResult]:
-        c = self._conn
+        c = self._cur
+        pack = self._packer.pack
         results: list[IngestResult] = []
         for ev in group.events:
             row = c.execute(
@@ -250,7 +260,7 @@ class Store:
                     ev["source"],
                     ev["ts"],
                     now,
-                    msgpack.packb(dict(ev), use_bin_type=True),
+                    pack(ev),
                 ),
             ).fetchone()
             if row is not None:

@@ -11,6 +11,7 @@ export, forget) runs on the same thread, in arrival order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -33,11 +34,25 @@ MAX_QUEUED = 4_096
 
 
 class _Ingest:
-    __slots__ = ("future", "group")
+    """An ingest waiting for commit; its asyncio future is resolved from the store thread."""
 
-    def __init__(self, group: IngestGroup) -> None:
+    __slots__ = ("future", "group", "loop")
+
+    def __init__(self, group: IngestGroup, loop: asyncio.AbstractEventLoop) -> None:
         self.group = group
-        self.future: Future[list[IngestResult]] = Future()
+        self.loop = loop
+        self.future: asyncio.Future[list[IngestResult]] = loop.create_future()
+
+
+def _resolve(pairs: list[tuple[_Ingest, Any]]) -> None:
+    """On the event loop: answer every ingest of one commit in one callback."""
+    for item, r in pairs:
+        if item.future.done():
+            continue
+        if isinstance(r, BaseException):
+            item.future.set_exception(r)
+        else:
+            item.future.set_result(r)
 
 
 class _Call:
@@ -56,7 +71,7 @@ class StoreWriter:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=MAX_QUEUED)
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="palate-store", daemon=True)
         self.commits = 0
         self.committed_events = 0
@@ -65,18 +80,18 @@ class StoreWriter:
         self._thread.start()
 
     def _put(self, item: Any) -> None:
-        try:
-            self._q.put_nowait(item)
-        except queue.Full:
+        if self._q.qsize() < MAX_QUEUED:
+            self._q.put(item)
+        else:
             raise PalateError(
                 "busy", "the store queue is full; retry shortly", {"queued": MAX_QUEUED}
             ) from None
 
     async def ingest(self, group: IngestGroup) -> list[IngestResult]:
         """Queue ``group`` and wait until it is durably committed."""
-        item = _Ingest(group)
+        item = _Ingest(group, asyncio.get_running_loop())
         self._put(item)
-        return await asyncio.wrap_future(item.future)
+        return await item.future
 
     async def call(self, fn: Callable[[Store], T]) -> T:
         """Run ``fn(store)`` on the store thread and wait for its result."""
@@ -131,18 +146,18 @@ class StoreWriter:
             item.future.set_exception(e)
 
     def _run_ingest(self, batch: list[_Ingest]) -> None:
-        live = [b for b in batch if b.future.set_running_or_notify_cancel()]
         try:
-            results = self.store.ingest([b.group for b in live])
+            results: list[Any] = list(self.store.ingest([b.group for b in batch]))
         except BaseException as e:  # a bug, not a storage error: fail these, keep running
             log.exception("ingest failed unexpectedly")
-            for b in live:
-                b.future.set_exception(e)
-            return
-        self.commits += 1
-        for b, r in zip(live, results, strict=False):
-            if isinstance(r, PalateError):
-                b.future.set_exception(r)
-            else:
-                self.committed_events += len(r)
-                b.future.set_result(r)
+            results = [e] * len(batch)
+        else:
+            self.commits += 1
+            self.committed_events += sum(len(r) for r in results if isinstance(r, list))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Ingest, Any]]] = {}
+        for b, r in zip(batch, results, strict=True):
+            by_loop.setdefault(b.loop, []).append((b, r))
+        for loop, pairs in by_loop.items():
+            # RuntimeError: the loop closed, so nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, pairs)
