@@ -164,3 +164,34 @@ def test_models_are_stored_encrypted_and_listed(tmp_path: Path, key: bytes) -> N
     s.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert b"WEIGHTS-" not in raw
+
+
+def test_registry_deploy_rollback_prune(tmp_path: Path, key: bytes) -> None:
+    s = Store(tmp_path / "p.db", key)
+    v = [s.add_model(base_model="b", meta={"n": i}, artifact=bytes([i])) for i in range(5)]
+    assert s.deployed_version() is None and s.rollback_target() is None
+    assert s.deploy_model(v[0], how="gate", reason="first") is None
+    assert s.deploy_model(v[1], how="gate", reason="better") == v[0]
+    assert s.deploy_model(v[2], how="override", reason="user") == v[1]
+    states = {m["version"]: m["state"] for m in s.list_models()}
+    assert states == {v[0]: "retired", v[1]: "retired", v[2]: "deployed", v[3]: "candidate",
+                      v[4]: "candidate"}
+    assert s.rollback_target() == v[1]
+    with pytest.raises(sqlite.IntegrityError):  # the schema itself forbids two deployed
+        s._conn.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (v[3],))
+    s.update_model(v[3], state="rejected", meta={"decision": "reject", "reasons": ["worse"]})
+    info, _ = s.get_model(v[3])
+    assert info["state"] == "rejected" and info["meta"] == {"n": 3, "decision": "reject",
+                                                            "reasons": ["worse"]}
+    with pytest.raises(ValueError):
+        s.update_model(v[3], state="deployed")
+    with pytest.raises(PalateError) as ei:
+        s.deploy_model(999, how="gate", reason="x")
+    assert ei.value.code == "not_found"
+    assert s.get_model()[0]["version"] == v[2], "no version means the deployed one"
+    # Pruning keeps the newest N plus the deployed version and its rollback target.
+    deleted = s.prune_models(keep=1)
+    assert set(deleted) == {v[0], v[3]}
+    assert {m["version"] for m in s.list_models()} == {v[1], v[2], v[4]}
+    assert s.rollback_target() == v[1]
+    assert [d["how"] for d in s.deployments()] == ["override", "gate"]

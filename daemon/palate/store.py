@@ -84,6 +84,15 @@ MIGRATIONS.append(
             artifact  BLOB NOT NULL
         );
         CREATE INDEX models_state ON models(state);
+        CREATE UNIQUE INDEX models_one_deployed ON models(state) WHERE state = 'deployed';
+        CREATE TABLE deployments (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts       REAL NOT NULL,
+            version  INTEGER NOT NULL REFERENCES models(version),
+            previous INTEGER,
+            how      TEXT NOT NULL,
+            reason   TEXT NOT NULL
+        );
         """,
     )
 )
@@ -394,6 +403,8 @@ class Store:
         encrypted, and never as files in the data dir). Returns the new version."""
         if state not in MODEL_STATES:
             raise ValueError(f"unknown model state {state!r}")
+        if state == "deployed":
+            raise ValueError("use deploy_model(): exactly one version may be deployed")
         c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")
@@ -452,6 +463,111 @@ class Store:
             "base_model": b,
             "meta": json.loads(m),
         }, bytes(art)
+
+    def update_model(
+        self, version: int, *, state: str | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """Change a version's state and/or merge keys into its metadata (gate results)."""
+        if state is not None and state not in MODEL_STATES:
+            raise ValueError(f"unknown model state {state!r}")
+        if state == "deployed":
+            raise ValueError("use deploy_model(): exactly one version may be deployed")
+        info, _ = self.get_model(version)
+        merged = {**info["meta"], **dict(meta or {})}
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(
+                "UPDATE models SET state = coalesce(?, state), meta = ? WHERE version = ?",
+                (state, json.dumps(merged, sort_keys=True), version),
+            )
+            self.audit("model_updated", {"version": version, "state": state})
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "updating the model") from e
+
+    def deployed_version(self) -> int | None:
+        row = self._conn.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
+        return None if row is None else int(row[0])
+
+    def deploy_model(self, version: int, *, how: str, reason: str) -> int | None:
+        """Make ``version`` the one deployed model, atomically; return the previous one.
+
+        The old deployed version becomes ``retired`` in the same transaction, so a crash
+        can never leave zero or two deployed versions. ``how`` records why (``gate``,
+        ``override``, ``rollback``) for the history the user sees.
+        """
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            row = c.execute("SELECT state FROM models WHERE version = ?", (version,)).fetchone()
+            if row is None:
+                c.execute("ROLLBACK")
+                raise PalateError("not_found", f"no model version {version}")
+            prev_row = c.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
+            previous = None if prev_row is None else int(prev_row[0])
+            if previous == version:
+                c.execute("ROLLBACK")
+                return previous
+            c.execute("UPDATE models SET state = 'retired' WHERE state = 'deployed'")
+            c.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (version,))
+            c.execute(
+                "INSERT INTO deployments (ts, version, previous, how, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (time.time(), version, previous, how, reason),
+            )
+            self.audit("deploy", {"version": version, "previous": previous, "how": how})
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "deploying the model") from e
+        return previous
+
+    def rollback_target(self) -> int | None:
+        """The version that was deployed before the current one (and still has weights)."""
+        row = self._conn.execute(
+            "SELECT d.previous FROM deployments d JOIN models m ON m.version = d.previous "
+            "WHERE d.version = (SELECT version FROM models WHERE state = 'deployed') "
+            "ORDER BY d.seq DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def deployments(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT ts, version, previous, how, reason FROM deployments ORDER BY seq DESC"
+        ).fetchall()
+        return [
+            {"ts": t, "version": v, "previous": p, "how": h, "reason": r} for t, v, p, h, r in rows
+        ]
+
+    def prune_models(self, keep: int) -> list[int]:
+        """Delete old versions beyond the newest ``keep``, never the deployed version or
+        the one a rollback would return to. Returns the versions deleted."""
+        protected = {self.deployed_version(), self.rollback_target()}
+        versions = [
+            int(r[0])
+            for r in self._conn.execute("SELECT version FROM models ORDER BY version DESC")
+        ]
+        doomed = [v for v in versions[keep:] if v not in protected]
+        if not doomed:
+            return []
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            marks = ",".join("?" * len(doomed))
+            c.execute(f"DELETE FROM deployments WHERE version IN ({marks})", doomed)
+            c.execute(f"UPDATE deployments SET previous = NULL WHERE previous IN ({marks})", doomed)
+            c.execute(f"DELETE FROM models WHERE version IN ({marks})", doomed)
+            self.audit("prune", {"deleted": doomed})
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "pruning models") from e
+        return doomed
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
