@@ -76,7 +76,12 @@ class Api:
             "cursors": self.cursors,
             "forget": self.forget,
             "export": self.export,
+            "models": self.models,
+            "deploy": self.deploy,
+            "rollback": self.rollback,
         }
+        #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
+        self.on_deploy: list[Callable[[int], Awaitable[None]]] = []
 
     async def dispatch(self, method: str, params: Mapping[str, Any]) -> Any:
         handler = self.methods.get(method)
@@ -248,3 +253,69 @@ class Api:
             lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)
         )
         return {"path": str(path), "count": n}
+
+    # -- registry --------------------------------------------------------------------
+    async def models(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """All versions (newest first) with their state and metrics, or one with ``version``."""
+        _no_extra(params, {"version"})
+        version = _param(params, "version", int)
+
+        def read(s: Store) -> dict[str, Any]:
+            if version is not None:
+                info, _ = s.get_model(version)
+                return {"model": info}
+            return {
+                "models": s.list_models(),
+                "deployed": s.deployed_version(),
+                "rollback_target": s.rollback_target(),
+                "deployments": s.deployments(),
+            }
+
+        return await self.writer.call(read)
+
+    async def deploy(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Deploy a version by hand. Anything the gate did not pass needs ``override``."""
+        _no_extra(params, {"version", "override", "reason"})
+        version = _param(params, "version", int, required=True)
+        override = bool(_param(params, "override", bool))
+        reason = _param(params, "reason", str) or "deployed by the user"
+
+        def run(s: Store) -> int | None:
+            info, _ = s.get_model(version)
+            passed = info["meta"].get("decision") == "deploy"
+            if not passed and not override:
+                state = info["state"]
+                raise PalateError(
+                    "conflict",
+                    f"version {version} is {state} and the gate did not approve it; deploy it "
+                    f"anyway with override (`palate deploy {version} --override`)",
+                    {"state": state, "decision": info["meta"].get("decision")},
+                )
+            return s.deploy_model(
+                version, how="override" if not passed else "manual", reason=reason
+            )
+
+        previous = await self.writer.call(run)
+        await self._deployed(version)
+        return {"deployed": version, "previous": previous}
+
+    async def rollback(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Return to the version that was deployed before the current one."""
+        _no_extra(params, {"reason"})
+        reason = _param(params, "reason", str) or "rollback by the user"
+
+        def run(s: Store) -> tuple[int, int | None]:
+            target = s.rollback_target()
+            if target is None:
+                raise PalateError(
+                    "not_found", "there is no earlier deployed version to roll back to"
+                )
+            return target, s.deploy_model(target, how="rollback", reason=reason)
+
+        target, previous = await self.writer.call(run)
+        await self._deployed(target)
+        return {"deployed": target, "previous": previous}
+
+    async def _deployed(self, version: int) -> None:
+        for hook in self.on_deploy:
+            await hook(version)

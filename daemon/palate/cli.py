@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -315,6 +316,120 @@ def forget(
     with Client() as c:
         n = c.forget(**selector)
     emit({"deleted": n}, as_json, lambda d: click.echo(f"forgot {d['deleted']} events"))
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+def _model_row(m: dict[str, Any]) -> dict[str, Any]:
+    """The stable JSON shape of one version (docs/cli.md): meta's gate keys lifted up."""
+    meta = m.get("meta", {})
+    return {
+        "version": m["version"],
+        "state": m["state"],
+        "created": m["created"],
+        "base_model": m["base_model"],
+        "metrics": meta.get("metrics", {}),
+        "decision": meta.get("decision"),
+        "reasons": meta.get("reasons", []),
+        "size_bytes": m.get("size_bytes"),
+    }
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+@cli.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+@handles_errors
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List model versions: state, accuracy, gate decision. `palate models show V` for one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with Client() as c:
+        data = c.call("models")
+    rows = [_model_row(m) for m in data["models"]]
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            click.echo("no models yet: train one with `palate train`")
+            return
+        click.echo(f"{'version':>7}  {'state':<9}  {'created':<16}  {'accuracy':>8}  decision")
+        for r in rows:
+            acc = r["metrics"].get("accuracy")
+            acc_s = f"{acc:.1%}" if isinstance(acc, (int, float)) else "-"
+            click.echo(
+                f"{r['version']:>7}  {r['state']:<9}  {_when(r['created']):<16}  "
+                f"{acc_s:>8}  {r['decision'] or '-'}"
+            )
+
+    emit(rows, as_json, human)
+
+
+@models.command("show")
+@click.argument("version", type=int)
+@json_option
+@handles_errors
+def models_show(version: int, as_json: bool) -> None:
+    """Show one version: metrics, gate decision with every reason, training summary."""
+    with Client() as c:
+        info = c.call("models", {"version": version})["model"]
+    row = {**_model_row(info), "meta": info["meta"]}
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"version   {r['version']} ({r['state']}), created {_when(r['created'])}")
+        click.echo(f"base      {r['base_model']}")
+        for k, v in sorted(r["metrics"].items()):
+            if isinstance(v, (int, float, str)):
+                click.echo(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
+        click.echo(f"decision  {r['decision'] or '-'}")
+        for reason in r["reasons"]:
+            click.echo(f"  - {reason}")
+
+    emit(row, as_json, human)
+
+
+@cli.command()
+@click.argument("version", type=int)
+@click.option(
+    "--override",
+    is_flag=True,
+    help="Deploy even though the gate held or rejected it (recorded as an override).",
+)
+@click.option("--reason", help="Why, for the history.")
+@json_option
+@handles_errors
+def deploy(version: int, override: bool, reason: str | None, as_json: bool) -> None:
+    """Deploy model VERSION now (the daemon's scorer switches to it at once)."""
+    params: dict[str, Any] = {"version": version, "override": override}
+    if reason:
+        params["reason"] = reason
+    with Client() as c:
+        res = c.call("deploy", params)
+    emit(
+        res,
+        as_json,
+        lambda d: click.echo(
+            f"deployed version {d['deployed']} (previously {d['previous'] or 'none'})"
+        ),
+    )
+
+
+@cli.command()
+@click.option("--reason", help="Why, for the history.")
+@json_option
+@handles_errors
+def rollback(reason: str | None, as_json: bool) -> None:
+    """Go back to the version that was deployed before the current one."""
+    with Client() as c:
+        res = c.call("rollback", {"reason": reason} if reason else {})
+    emit(
+        res,
+        as_json,
+        lambda d: click.echo(f"rolled back to version {d['deployed']} (was {d['previous']})"),
+    )
 
 
 # --- keys ---------------------------------------------------------------------------------
