@@ -21,9 +21,17 @@ from typing import Any
 
 import pytest
 
+from palate.blas import ensure_fast_blas
 from palate.client import Client
 from palate.errors import PalateError
 from palate.paths import resolve
+
+# Before any test module imports mlx.core: OpenBLAS must be loaded first, or every MLX test
+# in this process runs on the slow reference BLAS (conftest is imported before test modules).
+ensure_fast_blas()
+
+# Only the repo's own adapters: an installed third-party plugin must not change results.
+os.environ.setdefault("PALATE_THIRD_PARTY_ADAPTERS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

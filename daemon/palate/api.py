@@ -80,6 +80,8 @@ class Api:
             "deploy": self.deploy,
             "rollback": self.rollback,
         }
+        #: Adapter supervision snapshot, set by the daemon when it runs adapters.
+        self.adapter_states: Callable[[], list[dict[str, Any]]] = list
         #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
         self.on_deploy: list[Callable[[int], Awaitable[None]]] = []
 
@@ -204,6 +206,7 @@ class Api:
         key = self.key_status()  # read fresh: `palate key rotate` may have run since start
         return {
             **info,
+            "adapters": self.adapter_states(),
             "key_backend": key.backend,
             "key": {k: v for k, v in key.to_dict().items() if k != "key_id"},
             "daemon": {

@@ -98,7 +98,7 @@ class BlasReport:
     """What ``palate doctor`` shows: the BLAS MLX uses and how fast fp32 matmul runs."""
 
     status: BlasStatus
-    blas: str  # "openblas", "reference", "accelerate" or "unknown"
+    blas: str  # "openblas", "reference", "accelerate", "system" or "unknown"
     gflops: float  # best fp32 matmul rate measured, GFLOP/s
     matmul_size: int
     device: str
@@ -141,9 +141,7 @@ def _decide_and_apply() -> BlasStatus:
         )
     reference = bundled_reference_blas()
     if reference is None:
-        return BlasStatus(
-            BlasOutcome.NOT_NEEDED, None, "this MLX build bundles no reference BLAS"
-        )
+        return BlasStatus(BlasOutcome.NOT_NEEDED, None, "this MLX build bundles no reference BLAS")
     if "mlx.core" in sys.modules:
         return BlasStatus(
             BlasOutcome.TOO_LATE,

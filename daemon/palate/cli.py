@@ -19,6 +19,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from . import __version__
+from .cli_adapters import adapters as adapters_group
+from .cli_adapters import browser as browser_group
 from .client import Client
 from .errors import PalateError
 from .paths import resolve
@@ -144,6 +146,12 @@ def status(as_json: bool) -> None:
             f"schema {d['db']['schema_version']})"
         )
         click.echo(f"key      {d['key_backend']}")
+        for a in d.get("adapters", []):
+            err = f", last error: {a['last_error']}" if a.get("last_error") else ""
+            click.echo(
+                f"adapter  {a['name']}: {a['state']}, {a['events']} events, "
+                f"{a['restarts']} restarts{err}"
+            )
         if d["key"].get("warning"):
             click.secho(f"WARNING  {d['key']['warning']}", fg="yellow", err=True)
 
@@ -562,6 +570,8 @@ def _register_model_commands() -> None:
 
 
 _register_model_commands()
+cli.add_command(adapters_group)
+cli.add_command(browser_group)
 
 
 def main() -> None:

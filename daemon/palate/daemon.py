@@ -29,14 +29,17 @@ from .keys import KeyManager, zero
 from .paths import Paths, ensure_private_dir, resolve
 from .server import Server
 from .store import Store
+from .supervisor import Supervisor
 from .writer import StoreWriter
 
 log = logging.getLogger("palate")
 
 #: Seconds to let in-flight requests finish on SIGTERM; the store then gets at most
-#: STORE_CLOSE_S to commit and checkpoint, keeping the total under 10 s.
-SHUTDOWN_BUDGET_S = 5.0
-STORE_CLOSE_S = 4.0
+#: STORE_CLOSE_S to commit and checkpoint; with the adapters' grace the total stays under 10 s.
+SHUTDOWN_BUDGET_S = 4.0
+STORE_CLOSE_S = 3.0
+#: Adapters get this long to finish an in-flight batch before they are killed.
+ADAPTERS_STOP_S = 2.0
 
 
 class DaemonLock:
@@ -144,6 +147,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # Adapters are child processes that talk to us over the socket like any client,
+        # so they start only once the socket serves.
+        supervisor = Supervisor.from_config(self.paths, self.config)
+        api.adapter_states = supervisor.snapshot
+        await supervisor.start()
         log.info(
             "palate %s listening on %s (key backend: %s)",
             __version__,
@@ -157,6 +165,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             log.info("shutting down")
+            await supervisor.stop(ADAPTERS_STOP_S)  # before the server: let them finish a batch
             await server.stop(SHUTDOWN_BUDGET_S)
             await asyncio.get_running_loop().run_in_executor(None, writer.stop, STORE_CLOSE_S)
             log.info("stopped cleanly")
