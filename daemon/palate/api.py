@@ -7,6 +7,7 @@ back. Parameter checking lives here so every transport enforces the same rules.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,12 +17,19 @@ from typing import Any
 from . import API_LEVEL, __version__
 from .errors import PalateError
 from .events import MAX_BATCH, validate_event
+from .jobs import TrainingJobs
 from .keys import KeyStatus
 from .protocol import LIMITS
 from .store import IngestGroup, Store, export_jsonl
 from .writer import StoreWriter
 
 MIN_API_LEVEL = 1
+
+#: How a handler sends notifications to the connection that called it (set per request by
+#: the transport; a no-op elsewhere).
+NOTIFY: contextvars.ContextVar[Callable[[str, Any], None]] = contextvars.ContextVar(
+    "palate_notify", default=lambda method, params: None
+)
 MAX_CURSOR_BYTES = 64 * 1024
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -79,7 +87,10 @@ class Api:
             "models": self.models,
             "deploy": self.deploy,
             "rollback": self.rollback,
+            "train": self.train,
         }
+        #: Training runs (child processes); set by the daemon.
+        self.jobs: TrainingJobs | None = None
         #: Adapter supervision snapshot, set by the daemon when it runs adapters.
         self.adapter_states: Callable[[], list[dict[str, Any]]] = list
         #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
@@ -207,6 +218,10 @@ class Api:
         return {
             **info,
             "adapters": self.adapter_states(),
+            "training": {
+                "current": self.jobs.current.to_wire() if self.jobs and self.jobs.current else None,
+                "last": self.jobs.last.to_wire() if self.jobs and self.jobs.last else None,
+            },
             "key_backend": key.backend,
             "key": {k: v for k, v in key.to_dict().items() if k != "key_id"},
             "daemon": {
@@ -322,3 +337,28 @@ class Api:
     async def _deployed(self, version: int) -> None:
         for hook in self.on_deploy:
             await hook(version)
+
+    # -- training -------------------------------------------------------------------
+    async def train(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Start a training run now (a child process); with ``wait``, stream ``progress``
+        notifications on this connection and answer when it has finished."""
+        _no_extra(params, {"wait", "reason"})
+        wait = bool(_param(params, "wait", bool))
+        reason = _param(params, "reason", str) or "requested by the user"
+        if self.jobs is None:
+            raise PalateError("unavailable", "this daemon does not run training jobs")
+        job = self.jobs.start(reason)
+        if not wait:
+            return {"job": job.to_wire()}
+        notify = NOTIFY.get()
+
+        def relay(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "progress" and payload.get("job") == job.id:
+                notify("progress", payload)
+
+        self.jobs.listeners.add(relay)
+        try:
+            finished = await self.jobs.wait()
+        finally:
+            self.jobs.listeners.discard(relay)
+        return {"job": (finished or job).to_wire()}

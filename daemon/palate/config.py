@@ -59,6 +59,13 @@ class Config:
     """debug, info, warning or error. Logs never contain feedback text."""
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     """Which feedback adapters run, with their options and redaction deny lists."""
+    base_model: str = "builtin:smollm2-135m"
+    """The base LM the reward model is trained on: builtin:NAME, a .gguf file, an mlx-lm
+    directory or a hub id (docs/model.md)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """Overrides of training knobs ([train] table; keys of palate.training.TrainConfig)."""
+    gate: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the gate policy ([gate] table; keys of palate.gate.GatePolicy)."""
 
 
 def _adapters(raw: Any, where: str) -> AdaptersConfig:
@@ -103,6 +110,9 @@ def load_config(paths: Paths) -> Config:
         )
     if "adapters" in data:
         data["adapters"] = _adapters(data["adapters"], str(paths.config_file))
+    for table in ("train", "gate"):
+        if table in data and not isinstance(data[table], dict):
+            raise PalateError("invalid_request", f"{paths.config_file}: [{table}] must be a table")
     if "PALATE_KEY_BACKEND" in os.environ:
         data["key_backend"] = os.environ["PALATE_KEY_BACKEND"]
     cfg = Config(**data)

@@ -19,12 +19,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import __version__
 from .api import Api
 from .config import Config, load_config
 from .errors import PalateError
+from .jobs import TrainingJobs
 from .keys import KeyManager, zero
 from .paths import Paths, ensure_private_dir, resolve
 from .server import Server
@@ -152,6 +153,13 @@ class Daemon:
         supervisor = Supervisor.from_config(self.paths, self.config)
         api.adapter_states = supervisor.snapshot
         await supervisor.start()
+
+        async def on_result(result: dict[str, Any]) -> None:
+            if result.get("deployed"):
+                await api._deployed(int(result["version"]))
+
+        jobs = TrainingJobs(dict(os.environ, PALATE_HOME=str(self.paths.home)), on_result)
+        api.jobs = jobs
         log.info(
             "palate %s listening on %s (key backend: %s)",
             __version__,
@@ -165,6 +173,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             log.info("shutting down")
+            await jobs.stop()  # a killed training child leaves no half-registered model
             await supervisor.stop(ADAPTERS_STOP_S)  # before the server: let them finish a batch
             await server.stop(SHUTDOWN_BUDGET_S)
             await asyncio.get_running_loop().run_in_executor(None, writer.stop, STORE_CLOSE_S)

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from . import protocol
-from .api import Api
+from .api import NOTIFY, Api
 from .errors import PalateError
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ class Connection:
 
     async def _answer(self, req: protocol.Request) -> None:
         assert req.msgid is not None
+        # Long-running methods (train with wait) stream progress back on this connection.
+        NOTIFY.set(self._notify)
         try:
             result = await self.server.api.dispatch(req.method, req.params)
             payload = protocol.response(req.msgid, None, result)
@@ -217,6 +219,11 @@ class Connection:
                 ),
             )
         await self.send(payload)
+
+    def _notify(self, method: str, params: Any) -> None:
+        task = asyncio.create_task(self.send(protocol.notification(method, params)))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _fatal(self, code: str, message: str) -> None:
         log.info("closing a connection: %s", message)
