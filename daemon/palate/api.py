@@ -8,6 +8,7 @@ back. Parameter checking lives here so every transport enforces the same rules.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,10 +21,18 @@ from .events import MAX_BATCH, validate_event
 from .jobs import TrainingJobs
 from .keys import KeyStatus
 from .protocol import LIMITS
+from .serving import ScoringService, softmax
 from .store import IngestGroup, Store, export_jsonl
 from .writer import StoreWriter
 
 MIN_API_LEVEL = 1
+#: Scoring limits (docs/protocol.md): candidates per request, characters per text. Texts past
+#: the model's token window are truncated (prompt from the left) and flagged, never refused.
+MAX_CANDIDATES = 32
+MAX_SCORE_TEXT = 50_000
+DEFAULT_SCORE_TIMEOUT_S = 30.0
+#: p(top > runner-up) needed to call a rerank "confident".
+CONFIDENT_P = 0.75
 
 #: How a handler sends notifications to the connection that called it (set per request by
 #: the transport; a no-op elsewhere).
@@ -88,7 +97,12 @@ class Api:
             "deploy": self.deploy,
             "rollback": self.rollback,
             "train": self.train,
+            "score": self.score,
+            "rerank": self.rerank,
+            "compare": self.compare,
         }
+        #: The scorer (one MLX thread); set by the daemon.
+        self.serving: ScoringService | None = None
         #: Training runs (child processes); set by the daemon.
         self.jobs: TrainingJobs | None = None
         #: Adapter supervision snapshot, set by the daemon when it runs adapters.
@@ -362,3 +376,112 @@ class Api:
         finally:
             self.jobs.listeners.discard(relay)
         return {"job": (finished or job).to_wire()}
+
+    # -- scoring ----------------------------------------------------------------------
+    def _texts(self, params: Mapping[str, Any], name: str, lo: int) -> list[str]:
+        items = _param(params, name, (list, tuple), required=True)
+        if not lo <= len(items) <= MAX_CANDIDATES:
+            raise PalateError(
+                "too_large" if len(items) > MAX_CANDIDATES else "invalid_request",
+                f"{name} must hold {lo}..{MAX_CANDIDATES} strings, got {len(items)}",
+                {"max_candidates": MAX_CANDIDATES},
+            )
+        for i, t in enumerate(items):
+            self._check_text(t, f"{name}[{i}]")
+        return list(items)
+
+    @staticmethod
+    def _check_text(t: Any, name: str) -> str:
+        if not isinstance(t, str):
+            raise PalateError("invalid_request", f"{name} must be a string", {"param": name})
+        if len(t) > MAX_SCORE_TEXT:
+            raise PalateError(
+                "too_large",
+                f"{name} is {len(t)} characters; the limit is {MAX_SCORE_TEXT}",
+                {"param": name},
+            )
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PalateError(
+                "invalid_request", f"{name} is not valid UTF-8", {"param": name}
+            ) from None
+        return t
+
+    async def _score(
+        self, params: Mapping[str, Any], prompt: str, texts: list[str]
+    ) -> tuple[Any, Any]:
+        if self.serving is None:
+            raise PalateError("unavailable", "this daemon does not serve scores")
+        timeout_ms = _param(params, "timeout_ms", int)
+        timeout = DEFAULT_SCORE_TIMEOUT_S if timeout_ms is None else max(timeout_ms, 1) / 1000
+        return await self.serving.score(prompt, texts, timeout)
+
+    async def score(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Raw and normalised scores of each response, with the version that scored them."""
+        _no_extra(params, {"prompt", "responses", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        responses = self._texts(params, "responses", 1)
+        model, res = await self._score(params, prompt, responses)
+        return {
+            "version": model.version,
+            "scores": res.raw,
+            "z": res.z,
+            "truncated": res.truncated,
+            "temperature": model.temperature,
+        }
+
+    async def rerank(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Candidates best-first, with p_best and whether the winner is clear."""
+        _no_extra(params, {"prompt", "candidates", "top_k", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        cands = self._texts(params, "candidates", 1)
+        top_k = _param(params, "top_k", int)
+        if top_k is not None and top_k < 1:
+            raise PalateError("invalid_request", "top_k must be at least 1")
+        model, res = await self._score(params, prompt, cands)
+        t = max(model.temperature, 1e-6)
+        p_best = softmax([r / t for r in res.raw])
+        order = sorted(range(len(cands)), key=lambda i: (-res.raw[i], i))
+        if len(order) > 1:
+            p_top = 1.0 / (1.0 + math.exp(-(res.raw[order[0]] - res.raw[order[1]]) / t))
+        else:
+            p_top = 1.0
+        ranked = [
+            {
+                "index": i,
+                "score": res.raw[i],
+                "z": res.z[i],
+                "p_best": p_best[i],
+                "truncated": res.truncated[i],
+            }
+            for i in order[: top_k or len(order)]
+        ]
+        return {
+            "version": model.version,
+            "order": order,
+            "scores": res.raw,
+            "z": res.z,
+            "p_best": p_best,
+            "p_top_over_next": p_top,
+            "confident": p_top >= CONFIDENT_P,
+            "ranked": ranked,
+            "truncated": res.truncated,
+        }
+
+    async def compare(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
+        _no_extra(params, {"prompt", "a", "b", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        a = self._check_text(_param(params, "a", str, required=True), "a")
+        b = self._check_text(_param(params, "b", str, required=True), "b")
+        model, res = await self._score(params, prompt, [a, b])
+        t = max(model.temperature, 1e-6)
+        p = 1.0 / (1.0 + math.exp(-max(min((res.raw[0] - res.raw[1]) / t, 700.0), -700.0)))
+        return {
+            "version": model.version,
+            "p_a_over_b": p,
+            "scores": res.raw,
+            "z": res.z,
+            "truncated": res.truncated,
+        }

@@ -42,6 +42,7 @@ EXIT_CODES: dict[str, int] = {
     "storage_full": 5,
     "busy": 6,
     "model_error": 7,
+    "no_model": 7,
     "unauthorized": 8,
 }
 
@@ -438,6 +439,76 @@ def rollback(reason: str | None, as_json: bool) -> None:
         as_json,
         lambda d: click.echo(f"rolled back to version {d['deployed']} (was {d['previous']})"),
     )
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+
+def read_candidates(path: Path) -> list[str]:
+    """Candidates from a file: JSONL (a JSON string, or an object with ``text``,
+    ``response`` or ``candidate``, per line) or, for any other suffix, one per line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PalateError("not_found", f"cannot read {path}: {e}") from e
+    out: list[str] = []
+    structured = path.suffix in (".jsonl", ".json")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not structured:
+            out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PalateError("invalid_request", f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("text", "response", "candidate") if k in obj), None)
+        if not isinstance(obj, str):
+            raise PalateError(
+                "invalid_request",
+                f"{path}:{n}: expected a JSON string or an "
+                'object with "text", "response" or "candidate"',
+            )
+        out.append(obj)
+    if not out:
+        raise PalateError("invalid_request", f"{path} holds no candidates")
+    return out
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option(
+    "--candidates",
+    "cand_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File of candidates: JSONL (strings or {text: ...}) or plain lines.",
+)
+@click.option("--top-k", type=int, help="Show only the best K.")
+@json_option
+@handles_errors
+def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> None:
+    """Order candidate responses to PROMPT by what you prefer (the deployed model decides)."""
+    cands = read_candidates(cand_file)
+    with Client() as c:
+        res = c.rerank(prompt, cands, top_k=top_k)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(
+            f"model version {d['version']}; "
+            f"{'confident' if d['confident'] else 'NOT confident'} "
+            f"(p(best > runner-up) = {d['p_top_over_next']:.2f})"
+        )
+        for rank, r in enumerate(d["ranked"], 1):
+            text = cands[r["index"]].replace("\n", " ")
+            click.echo(
+                f"{rank:>3}. [{r['index']}] p_best={r['p_best']:.2f} "
+                f"score={r['score']:+.3f}  {text[:80]}"
+            )
+
+    emit(res, as_json, human)
 
 
 # --- keys ---------------------------------------------------------------------------------

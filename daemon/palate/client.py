@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -72,6 +72,31 @@ class _Methods:
 
     def forget(self, **selector: Any) -> int:
         return int(self.call("forget", selector)["deleted"])
+
+    def score(self, prompt: str, responses: Sequence[str], **opts: Any) -> dict[str, Any]:
+        """Raw and z scores of each response, and the model ``version`` that scored them."""
+        return dict(self.call("score", {"prompt": prompt, "responses": list(responses), **opts}))
+
+    def rerank(
+        self, prompt: str, candidates: Sequence[str], top_k: int | None = None, **opts: Any
+    ) -> dict[str, Any]:
+        """``order`` (indices best-first), ``scores``, ``p_best``, ``confident``, ``version``."""
+        params: dict[str, Any] = {"prompt": prompt, "candidates": list(candidates), **opts}
+        if top_k is not None:
+            params["top_k"] = top_k
+        return dict(self.call("rerank", params))
+
+    def compare(self, prompt: str, a: str, b: str, **opts: Any) -> dict[str, Any]:
+        """``p_a_over_b``: the calibrated probability that this user prefers ``a``."""
+        return dict(self.call("compare", {"prompt": prompt, "a": a, "b": b, **opts}))
+
+    def train(self, wait: bool = False, reason: str | None = None) -> dict[str, Any]:
+        """Start a training run in the daemon; with ``wait``, return when it has finished
+        (progress arrives through ``on_notify``; use ``timeout=None`` on the client)."""
+        params: dict[str, Any] = {"wait": wait}
+        if reason:
+            params["reason"] = reason
+        return dict(self.call("train", params))
 
     def export(self, path: str | Path, overwrite: bool = False) -> int:
         return int(

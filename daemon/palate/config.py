@@ -62,6 +62,8 @@ class Config:
     base_model: str = "builtin:smollm2-135m"
     """The base LM the reward model is trained on: builtin:NAME, a .gguf file, an mlx-lm
     directory or a hub id (docs/model.md)."""
+    idle_unload_s: float = 900.0
+    """Seconds without a score request after which the model is unloaded (memory back)."""
     train: dict[str, Any] = field(default_factory=dict)
     """Overrides of training knobs ([train] table; keys of palate.training.TrainConfig)."""
     gate: dict[str, Any] = field(default_factory=dict)

@@ -29,6 +29,7 @@ from .jobs import TrainingJobs
 from .keys import KeyManager, zero
 from .paths import Paths, ensure_private_dir, resolve
 from .server import Server
+from .serving import ScoringService, store_loader
 from .store import Store
 from .supervisor import Supervisor
 from .writer import StoreWriter
@@ -154,6 +155,23 @@ class Daemon:
         api.adapter_states = supervisor.snapshot
         await supervisor.start()
 
+        def fetch(version: int | None) -> tuple[dict[str, Any], bytes] | None:
+            # Runs on the scoring thread; the read itself runs on the store thread.
+            def read(s: Store) -> tuple[dict[str, Any], bytes] | None:
+                v = s.deployed_version() if version is None else version
+                return None if v is None else s.get_model(v)
+
+            return asyncio.run_coroutine_threadsafe(writer.call(read), loop).result(60)
+
+        serving = ScoringService(store_loader(fetch), idle_unload_s=self.config.idle_unload_s)
+        serving.start()
+        api.serving = serving
+
+        async def swap(version: int) -> None:
+            serving.deployed(version)
+
+        api.on_deploy.append(swap)
+
         async def on_result(result: dict[str, Any]) -> None:
             if result.get("deployed"):
                 await api._deployed(int(result["version"]))
@@ -174,6 +192,7 @@ class Daemon:
         finally:
             log.info("shutting down")
             await jobs.stop()  # a killed training child leaves no half-registered model
+            await loop.run_in_executor(None, serving.stop)
             await supervisor.stop(ADAPTERS_STOP_S)  # before the server: let them finish a batch
             await server.stop(SHUTDOWN_BUDGET_S)
             await asyncio.get_running_loop().run_in_executor(None, writer.stop, STORE_CLOSE_S)

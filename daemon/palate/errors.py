@@ -27,6 +27,7 @@ ERROR_CODES: dict[str, str] = {
     "key_error": "The data key could not be obtained or does not open the store.",
     "unavailable": "The daemon is shutting down or not running.",
     "model_error": "A model could not be loaded, trained or used.",
+    "no_model": "No model is deployed yet; train one first (`palate train --wait`).",
     "internal": "A bug in Palate; the daemon kept running. Please report it.",
 }
 

@@ -28,6 +28,9 @@ from .errors import PalateError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+#: Methods whose work is pointless once the client hung up (reads, not writes: an ingest
+#: that may have committed must still be answered if the peer is there).
+CANCEL_ON_HANGUP = frozenset({"score", "rerank", "compare"})
 SOL_LOCAL = 0  # macOS
 LOCAL_PEERCRED = 0x001  # macOS
 
@@ -81,6 +84,7 @@ class Connection:
         self.fed = 0  # bytes received on this connection
         self.msg_start = 0  # stream offset where the message being decoded began
         self.tasks: set[asyncio.Task[None]] = set()
+        self.cancellable: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
 
     async def send(self, data: bytes) -> None:
@@ -198,6 +202,9 @@ class Connection:
             task = asyncio.create_task(self._answer(req))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            if req.method in CANCEL_ON_HANGUP:
+                self.cancellable.add(task)
+                task.add_done_callback(self.cancellable.discard)
 
     async def _answer(self, req: protocol.Request) -> None:
         assert req.msgid is not None
@@ -232,6 +239,8 @@ class Connection:
     async def _close(self) -> None:
         # Let already-dispatched work finish (an acknowledged event must be answered
         # if it committed), but do not wait forever on a client that went away.
+        for task in list(self.cancellable):
+            task.cancel()  # nobody is left to read the scores: free the scorer's queue
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=10)
         await graceful_close(self.reader, self.writer)
