@@ -195,3 +195,14 @@ def test_registry_deploy_rollback_prune(tmp_path: Path, key: bytes) -> None:
     assert {m["version"] for m in s.list_models()} == {v[1], v[2], v[4]}
     assert s.rollback_target() == v[1]
     assert [d["how"] for d in s.deployments()] == ["override", "gate"]
+
+
+def test_meta_values_and_watermark(store: Store) -> None:
+    assert store.get_meta("last_success") is None
+    assert store.get_meta("x", 5) == 5
+    store.set_meta("last_success", {"ts": 1.5, "version": 3})
+    store.set_meta("last_success", {"ts": 2.5, "version": 4})
+    assert store.get_meta("last_success") == {"ts": 2.5, "version": 4}
+    assert store.max_seq() == 0
+    store.ingest([IngestGroup([ev(1), ev(2)])])
+    assert store.max_seq() == 2

@@ -395,6 +395,31 @@ class Store:
         ).fetchall()
         return {k: msgpack.unpackb(v, raw=False) for k, v in rows}
 
+    # -- small persistent state (scheduler bookkeeping and the like) -----------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Durably set one JSON value (its own transaction)."""
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise storage_error(e, "saving state") from e
+
+    def max_seq(self) -> int:
+        """The newest event's sequence number (0 when empty): a cheap 'new data' watermark."""
+        return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
     # -- models ----------------------------------------------------------------
     def add_model(
         self, *, base_model: str, meta: Mapping[str, Any], artifact: bytes, state: str = "candidate"
