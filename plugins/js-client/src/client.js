@@ -205,8 +205,9 @@ export class Client {
   }
 
   /**
-   * Score responses to a prompt. Needs a daemon that has `score` (api level >= 2,
-   * see `hello().methods`); a level-1 daemon answers `unknown_method`.
+   * Score responses to a prompt with the deployed model (`no_model` until one is
+   * trained). An older daemon without `score` in `hello().methods` answers
+   * `unknown_method`.
    * @param {string} prompt
    * @param {string[]} responses
    * @returns {Promise<Record<string, any>>}
@@ -216,8 +217,8 @@ export class Client {
   }
 
   /**
-   * Order candidates best-first. Needs a daemon that has `rerank` (api level >= 2);
-   * a level-1 daemon answers `unknown_method`.
+   * Order candidates best-first with the deployed model (`no_model` until one is
+   * trained; `unknown_method` from a daemon without `rerank`).
    * @param {string} prompt
    * @param {string[]} candidates
    * @param {{topK?: number}} [options]
@@ -228,8 +229,8 @@ export class Client {
   }
 
   /**
-   * Probability that `a` is preferred over `b`. Needs a daemon that has `compare`
-   * (api level >= 2); a level-1 daemon answers `unknown_method`.
+   * Probability that `a` is preferred over `b` (`no_model` until a model is
+   * deployed; `unknown_method` from a daemon without `compare`).
    * @param {string} prompt
    * @param {string} a
    * @param {string} b

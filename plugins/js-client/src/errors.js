@@ -24,6 +24,7 @@ export const ERROR_CODES = Object.freeze([
   'key_error',
   'unavailable',
   'model_error',
+  'no_model',
   'internal',
 ]);
 

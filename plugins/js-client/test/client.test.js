@@ -105,9 +105,10 @@ describe('Client against a real daemon', { skip: SKIP_REASON }, () => {
     assert.ok(err.details.methods.includes('ingest'));
   });
 
-  test('rerank on a level-1 daemon surfaces unknown_method', async () => {
+  test('rerank before any model is trained surfaces no_model', async () => {
     const err = await client.rerank('p', ['a', 'b'], { topK: 1 }).catch((e) => e);
-    assert.equal(err.code, 'unknown_method');
+    assert.equal(err.code, 'no_model');
+    assert.match(err.message, /palate train/);
   });
 
   test('unknown parameters are refused, not ignored', async () => {
