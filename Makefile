@@ -29,7 +29,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check daemon tests bench plugins
+	$(VENV)/bin/ruff check daemon tests bench examples
 	$(VENV)/bin/mypy
 
 fmt: $(VENV)/.installed-dev
