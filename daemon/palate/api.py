@@ -21,6 +21,7 @@ from .events import MAX_BATCH, validate_event
 from .jobs import TrainingJobs
 from .keys import KeyStatus
 from .protocol import LIMITS
+from .scheduler import Scheduler
 from .serving import ScoringService, softmax
 from .store import IngestGroup, Store, export_jsonl
 from .writer import StoreWriter
@@ -101,6 +102,8 @@ class Api:
             "rerank": self.rerank,
             "compare": self.compare,
         }
+        #: The nightly scheduler; set by the daemon.
+        self.scheduler: Scheduler | None = None
         #: The scorer (one MLX thread); set by the daemon.
         self.serving: ScoringService | None = None
         #: Training runs (child processes); set by the daemon.
@@ -232,6 +235,8 @@ class Api:
         return {
             **info,
             "adapters": self.adapter_states(),
+            "schedule": await self.scheduler.snapshot() if self.scheduler else None,
+            "scorer": self.serving.status() if self.serving else None,
             "training": {
                 "current": self.jobs.current.to_wire() if self.jobs and self.jobs.current else None,
                 "last": self.jobs.last.to_wire() if self.jobs and self.jobs.last else None,

@@ -21,6 +21,8 @@ import click
 from . import __version__
 from .cli_adapters import adapters as adapters_group
 from .cli_adapters import browser as browser_group
+from .cli_service import schedule as schedule_command
+from .cli_service import service as service_group
 from .client import Client
 from .errors import PalateError
 from .paths import resolve
@@ -643,6 +645,8 @@ def _register_model_commands() -> None:
 _register_model_commands()
 cli.add_command(adapters_group)
 cli.add_command(browser_group)
+cli.add_command(service_group)
+cli.add_command(schedule_command)
 
 
 def main() -> None:

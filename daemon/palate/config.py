@@ -52,6 +52,77 @@ class AdaptersConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """The ``[schedule]`` table: when the nightly training run happens and what it waits for.
+
+    Every condition is a key so a user can relax it (a desktop with no battery, a server
+    with no idle signal) without editing code; ``palate schedule`` shows which one blocks.
+    """
+
+    enabled: bool = True
+    """Run training on a schedule at all (``palate train --now`` works either way)."""
+    time: str = "03:00"
+    """Local wall-clock time of the nightly run, ``HH:MM`` (24 h)."""
+    min_new_events: int = 20
+    """New feedback events needed since the last completed run; 0 always trains."""
+    require_ac: bool = True
+    """Only train on mains power. Where power cannot be read, training is allowed."""
+    require_idle_s: float = 300.0
+    """Seconds without keyboard/mouse input needed (macOS only); 0 turns the check off."""
+    grace_h: float = 24.0
+    """How late a missed run may still start (e.g. after a night asleep); 24 = always once."""
+    budget_h: float = 4.0
+    """Wall-clock budget of one training run; the child is stopped after it."""
+
+
+#: Allowed ``[schedule]`` keys and the types their TOML values may have.
+SCHEDULE_TYPES: dict[str, tuple[type, ...]] = {
+    "enabled": (bool,),
+    "time": (str,),
+    "min_new_events": (int,),
+    "require_ac": (bool,),
+    "require_idle_s": (int, float),
+    "grace_h": (int, float),
+    "budget_h": (int, float),
+}
+
+
+def parse_hhmm(text: str) -> tuple[int, int]:
+    """``"03:00"`` -> ``(3, 0)``; anything else is an error naming the expected form."""
+    hh, sep, mm = text.partition(":")
+    if sep and hh.isdigit() and mm.isdigit() and len(mm) == 2:
+        h, m = int(hh), int(mm)
+        if 0 <= h < 24 and 0 <= m < 60:
+            return h, m
+    raise ValueError(f"time must be HH:MM in 24-hour local time, got {text!r}")
+
+
+def _schedule(raw: Any, where: str) -> ScheduleConfig:
+    def err(msg: str) -> PalateError:
+        return PalateError("invalid_request", f"{where}: [schedule] {msg}")
+
+    if not isinstance(raw, dict):
+        raise err("must be a table")
+    unknown = sorted(set(raw) - set(SCHEDULE_TYPES))
+    if unknown:
+        raise err(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SCHEDULE_TYPES)}")
+    for key, value in raw.items():
+        types = SCHEDULE_TYPES[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise err(f"{key} must be a {types[0].__name__}, got {type(value).__name__}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise err(f"{key} must not be negative")
+    if "time" in raw:
+        try:
+            parse_hhmm(raw["time"])
+        except ValueError as e:
+            raise err(str(e)) from None
+    if raw.get("budget_h", 1) == 0:
+        raise err("budget_h must be more than 0")
+    return ScheduleConfig(**raw)
+
+
+@dataclass(frozen=True)
 class Config:
     key_backend: str = "auto"
     """Where the key-encryption key lives: auto (keychain if any, else file), keyring, file."""
@@ -68,6 +139,8 @@ class Config:
     """Overrides of training knobs ([train] table; keys of palate.training.TrainConfig)."""
     gate: dict[str, Any] = field(default_factory=dict)
     """Overrides of the gate policy ([gate] table; keys of palate.gate.GatePolicy)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """When training runs by itself and what it waits for ([schedule] table)."""
 
 
 def _adapters(raw: Any, where: str) -> AdaptersConfig:
@@ -112,6 +185,8 @@ def load_config(paths: Paths) -> Config:
         )
     if "adapters" in data:
         data["adapters"] = _adapters(data["adapters"], str(paths.config_file))
+    if "schedule" in data:
+        data["schedule"] = _schedule(data["schedule"], str(paths.config_file))
     for table in ("train", "gate"):
         if table in data and not isinstance(data[table], dict):
             raise PalateError("invalid_request", f"{paths.config_file}: [{table}] must be a table")

@@ -28,6 +28,7 @@ from .errors import PalateError
 from .jobs import TrainingJobs
 from .keys import KeyManager, zero
 from .paths import Paths, ensure_private_dir, resolve
+from .scheduler import Scheduler, WriterState
 from .server import Server
 from .serving import ScoringService, store_loader
 from .store import Store
@@ -176,8 +177,15 @@ class Daemon:
             if result.get("deployed"):
                 await api._deployed(int(result["version"]))
 
-        jobs = TrainingJobs(dict(os.environ, PALATE_HOME=str(self.paths.home)), on_result)
+        jobs = TrainingJobs(
+            dict(os.environ, PALATE_HOME=str(self.paths.home)),
+            on_result,
+            budget_s=self.config.schedule.budget_h * 3600,
+        )
         api.jobs = jobs
+        scheduler = Scheduler(self.config.schedule, jobs, WriterState(writer))
+        await scheduler.start()
+        api.scheduler = scheduler
         log.info(
             "palate %s listening on %s (key backend: %s)",
             __version__,
@@ -191,6 +199,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             log.info("shutting down")
+            await scheduler.stop()  # first: no new run may start while we stop
             await jobs.stop()  # a killed training child leaves no half-registered model
             await loop.run_in_executor(None, serving.stop)
             await supervisor.stop(ADAPTERS_STOP_S)  # before the server: let them finish a batch

@@ -141,8 +141,12 @@ CHECKS: list[Callable[[Paths], Check]] = [
 
 
 def run_checks(paths: Paths) -> list[Check]:
+    # The service/disk/training checks live beside the service code and import Check from
+    # here, so they are gathered at call time rather than at import.
+    from .doctor_extra import EXTRA_CHECKS
+
     out = []
-    for check in CHECKS:
+    for check in [*CHECKS, *EXTRA_CHECKS]:
         try:
             out.append(check(paths))
         except Exception as e:  # a broken check must not hide the others
