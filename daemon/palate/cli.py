@@ -403,6 +403,63 @@ def models_show(version: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("version", type=int, required=False)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write report-vN.html into (created; the file is 0600).",
+)
+@json_option
+@handles_errors
+def report(version: int | None, out_dir: Path, as_json: bool) -> None:
+    """Write a self-contained HTML report of model VERSION (default: the newest).
+
+    Plots (loss curves, accuracy by slice with CIs next to the baselines and the deployed
+    model, reliability diagram, score vs length) and the gate's decision with every reason.
+    It holds numbers only: no text of your feedback.
+    """
+    from .report import render_report, write_report
+
+    with Client() as c:
+        listing = c.call("models")
+        if not listing["models"]:
+            raise PalateError("not_found", "no models yet: train one with `palate train`")
+        v = version if version is not None else listing["models"][0]["version"]
+        info = c.call("models", {"version": v})["model"]
+    meta = info["meta"]
+    if "metrics" not in meta:
+        raise PalateError("not_found", f"version {v} has no evaluation to report")
+    history = [
+        {
+            "version": m["version"],
+            "created": m["created"],
+            "state": m["state"],
+            "metrics": m["meta"].get("metrics", {}),
+            "decision": m["meta"].get("decision"),
+        }
+        for m in listing["models"]
+    ]
+    decision = {
+        "action": meta.get("decision"),
+        "reasons": meta.get("reasons", []),
+        "checks": meta.get("checks", []),
+    }
+    html = render_report(
+        meta["metrics"],
+        decision,
+        history,
+        deployed_metrics=meta.get("deployed_metrics"),
+        train_curves=meta.get("training", {}).get("history"),
+        title=f"Palate model version {v}",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_report(out_dir / f"report-v{v}.html", html)
+    emit({"path": str(path), "version": v}, as_json, lambda d: click.echo(f"wrote {d['path']}"))
+
+
+@cli.command()
 @click.argument("version", type=int)
 @click.option(
     "--override",
@@ -636,7 +693,7 @@ def _register_model_commands() -> None:
         cli_model = importlib.import_module("palate.cli_model")
     except ImportError:
         return
-    for name in ("train", "score", "eval_"):
+    for name in ("train_command", "score_command", "eval_command"):
         cmd = getattr(cli_model, name, None)
         if isinstance(cmd, click.Command):
             cli.add_command(cmd)

@@ -1,0 +1,117 @@
+"""The offline model commands: train --data, eval --json, score; errors and exit codes."""
+
+from __future__ import annotations
+
+from palate.blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from palate.cli_model import eval_command, score_command, train_command  # noqa: E402
+from tiny_lm import marker_pairs, save_tiny_model_dir  # noqa: E402
+
+
+def _write(path: Path, rows: list[dict]) -> str:  # type: ignore[type-arg]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("cli")
+    base = save_tiny_model_dir(tmp / "base")
+    rows = [
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in marker_pairs(160)
+    ]
+    rows += [
+        {"prompt": "w1 w2", "response": "zz w3", "label": 1},
+        {"prompt": "w4", "response": "w5", "label": -1},
+    ]
+    train = _write(tmp / "train.jsonl", rows)
+    test = _write(
+        tmp / "test.jsonl",
+        [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            for p in marker_pairs(60, seed=5)
+        ],
+    )
+    out = tmp / "model"
+    res = CliRunner().invoke(
+        train_command,
+        [
+            "--data",
+            train,
+            "--output",
+            str(out),
+            "--base-model",
+            base,
+            "--layers",
+            "2",
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-3",
+            "--max-tokens",
+            "64",
+            "--batch-tokens",
+            "1024",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return tmp, out, test, json.loads(res.output)
+
+
+def test_train_writes_self_describing_dir(setup) -> None:  # type: ignore[no-untyped-def]
+    _, out, _, report = setup
+    cfg = json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").is_file()
+    assert cfg["training_data"]["ratings"] == 2 and cfg["lora"]["layers"] == 2
+    assert report["metrics"]["steps"] > 0
+
+
+def test_eval_json_contract(setup) -> None:  # type: ignore[no-untyped-def]
+    _, out, test, _ = setup
+    res = CliRunner().invoke(eval_command, ["--model", str(out), "--data", test, "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    for key in ("accuracy", "n", "baseline_shorter", "baseline_longer", "ci_low", "ci_high"):
+        assert key in rep
+    assert rep["n"] == 60 and rep["accuracy"] >= 0.9
+
+
+def test_score_human_and_json(setup) -> None:  # type: ignore[no-untyped-def]
+    _, out, _, _ = setup
+    runner = CliRunner()
+    res = runner.invoke(score_command, ["--model", str(out), "w1 w2", "w3 zz", "w4 w5", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["best"] == 0 and len(data["scores"]) == 2
+    res = runner.invoke(score_command, ["--model", str(out), "w1 w2", "w3 zz", "w4 w5"])
+    assert res.exit_code == 0 and "z=" in res.output
+
+
+def test_bad_input_one_line_errors(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, out, _, _ = setup
+    runner = CliRunner()
+    res = runner.invoke(eval_command, ["--model", str(out), "--data", str(tmp_path / "nope.jsonl")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{oops\n')
+    res = runner.invoke(train_command, ["--data", str(bad), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "bad.jsonl:2: invalid JSON" in res.output
+    res = runner.invoke(score_command, ["--model", str(tmp_path), "p", "r"])
+    assert res.exit_code == 1 and "not a Palate model directory" in res.output
+    res = runner.invoke(train_command, ["--data", str(bad), "--output", str(out)])
+    assert res.exit_code == 2
+
+
+def test_help_everywhere() -> None:
+    for cmd in (train_command, eval_command, score_command):
+        res = CliRunner().invoke(cmd, ["--help"])
+        assert res.exit_code == 0 and "Usage" in res.output

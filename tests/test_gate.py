@@ -1,0 +1,247 @@
+"""Each gate rule with constructed metric inputs: passes, rejects and holds, with reasons."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from palate.evaluation import PairRecord, evaluate
+from palate.gate import Decision, GatePolicy, decide
+from palate.metrics import wilson_interval
+
+
+def _stats(n: int, acc: float) -> dict[str, Any]:
+    k = round(n * acc)
+    lo, hi = wilson_interval(k, n)
+    return {"n": n, "correct": k, "accuracy": k / n if n else None, "ci_low": lo, "ci_high": hi}
+
+
+def _paired(n: int, cand: float, dep: float, lower: float) -> dict[str, Any]:
+    return {"n": n, "candidate_accuracy": cand, "deployed_accuracy": dep, "diff": cand - dep,
+            "ci_low": lower - 0.01, "ci_high": cand - dep + 0.05, "lower_95": lower,
+            "wins": 10, "losses": 5, "n_boot": 2000}
+
+
+def metrics(
+    *,
+    n: int = 200,
+    acc: float = 0.75,
+    longer: float = 0.5,
+    shorter: float = 0.45,
+    lc: tuple[int, float, int, float] = (100, 0.76, 100, 0.74),
+    rho: float | None = 0.1,
+    probes: float | None = 0.9,
+    fingerprint: str | None = "fp",
+) -> dict[str, Any]:
+    """A complete metrics dict with the given headline numbers (the shape evaluate returns)."""
+    overall = _stats(n, acc)
+    best = "always_longer" if longer >= shorter else "always_shorter"
+    n_long, a_long, n_short, a_short = lc
+    return {
+        "schema_version": 1, "length_unit": "chars", "n_pairs": n, "n_ratings": 0,
+        "pairs_fingerprint": fingerprint,
+        "accuracy": overall["accuracy"], "accuracy_ci": [overall["ci_low"], overall["ci_high"]],
+        "correct": overall["correct"], "ties": 0, "mean_margin": 0.5,
+        "baselines": {"always_longer": _stats(n, longer), "always_shorter": _stats(n, shorter),
+                      "best": best, "best_accuracy": max(longer, shorter)},
+        "length_controlled": {"chosen_longer": _stats(n_long, a_long),
+                              "chosen_shorter": _stats(n_short, a_short), "equal_length": 0,
+                              "accuracy": (a_long + a_short) / 2, "gap": a_long - a_short},
+        "by_source": {}, "by_domain": {},
+        "calibration": {"temperature": 1.0, "n": n, "ece": 0.03, "brier": 0.18, "nll": 0.5,
+                        "binning": "10 equal-width bins, symmetrised", "bins": []},
+        "length_bias": {"spearman": rho, "n": 2 * n},
+        "ratings": {"n": 0, "positives": 0, "negatives": 0, "auc": None},
+        "probes": _stats(48, probes) | {"by_category": {}} if probes is not None else None,
+        "vs_deployed": None, "length_scatter": {"length": [], "score": []},
+    }
+
+
+def with_deployed(
+    cand: dict[str, Any], dep_acc: float, lower: float, slices: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    c = copy.deepcopy(cand)
+    c["vs_deployed"] = {"overall": _paired(c["n_pairs"], c["accuracy"], dep_acc, lower),
+                        "slices": slices or {}}
+    return c
+
+
+def check(d: Decision, name: str) -> Any:
+    (c,) = [c for c in d.checks if c.name == name]
+    return c
+
+
+def test_a_good_first_model_deploys_with_reasons() -> None:
+    d = decide(metrics(), None, GatePolicy())
+    assert d.action == "deploy"
+    assert all(c.status in ("pass", "skip", "info") for c in d.checks)
+    assert any("75.0% on 200 pairs" in r for r in d.reasons)
+    assert any("No model is deployed yet" in r for r in d.reasons)
+    json.dumps(d.to_json())
+
+
+def test_not_enough_data_holds_and_says_so() -> None:
+    d = decide(metrics(n=20, acc=0.9), None, GatePolicy())
+    assert d.action == "hold"
+    assert d.reasons[0].startswith("Not enough data yet: 20 held-out pairs")
+    assert {c.name for c in d.checks} == {"enough_data", "probe_floor"}  # nothing else judged
+
+
+def test_probes_are_judged_even_without_data_and_reject_wins() -> None:
+    d = decide(metrics(n=20, probes=0.3), None, GatePolicy())
+    assert d.action == "reject"
+    assert "Probe-set accuracy is 29.2%" in d.reasons[0]
+    assert any("Not enough data yet" in r for r in d.reasons)
+
+
+def test_accuracy_floor_rejects() -> None:
+    d = decide(metrics(n=2000, acc=0.53, longer=0.4, shorter=0.3), None, GatePolicy())
+    assert d.action == "reject"
+    assert check(d, "accuracy_floor").status == "fail"
+    assert any("53.0% on 2000 pairs" in r and "floor is 55.0%" in r for r in d.reasons)
+
+
+def test_above_chance_rejects_small_lucky_sets() -> None:
+    # 60% on 50 pairs clears the 55% floor but its CI still includes a coin flip.
+    d = decide(metrics(n=50, acc=0.6, longer=0.3, shorter=0.3, lc=(25, 0.6, 25, 0.6)), None,
+               GatePolicy())
+    assert check(d, "accuracy_floor").status == "pass"
+    assert check(d, "above_chance").status == "fail"
+    assert d.action == "reject" and any("not above the 50%" in r for r in d.reasons)
+
+
+def test_must_beat_the_best_trivial_baseline_by_a_margin() -> None:
+    d = decide(metrics(acc=0.75, longer=0.72, shorter=0.2), None, GatePolicy())
+    assert d.action == "reject"
+    assert any("always-longer) at 72.0%" in r and "+3.0 pts" in r for r in d.reasons)
+    ok = decide(metrics(acc=0.75, longer=0.70, shorter=0.2), None, GatePolicy())
+    assert ok.action == "deploy"  # exactly the margin passes
+
+
+def test_suspicious_accuracy_holds() -> None:
+    d = decide(metrics(acc=0.99, lc=(100, 0.99, 100, 0.99)), None, GatePolicy())
+    assert d.action == "hold"
+    assert any("implausibly high" in r for r in d.reasons)
+    off = decide(metrics(acc=0.99, lc=(100, 0.99, 100, 0.99)), None,
+                 GatePolicy(suspicious_accuracy=None))
+    assert off.action == "deploy"
+
+
+def test_length_gap_rejects_a_length_shortcut() -> None:
+    d = decide(metrics(lc=(100, 0.95, 100, 0.55)), None, GatePolicy())
+    assert d.action == "reject"
+    assert any("95.0% when the chosen response is longer and 55.0%" in r for r in d.reasons)
+    small = decide(metrics(lc=(190, 0.95, 10, 0.1)), None, GatePolicy())
+    assert check(small, "length_gap").status == "skip"
+    assert "10 with it shorter" in check(small, "length_gap").message
+
+
+def test_length_correlation_holds() -> None:
+    d = decide(metrics(rho=0.71), None, GatePolicy())
+    assert d.action == "hold"
+    assert d.reasons == [check(d, "length_correlation").message]
+    assert "+0.71" in d.reasons[0] and "±0.50" in d.reasons[0]
+    assert decide(metrics(rho=-0.5), None, GatePolicy()).action == "deploy"
+
+
+def test_overall_regression_rejects_on_the_paired_lower_bound() -> None:
+    cand = with_deployed(metrics(acc=0.74), dep_acc=0.75, lower=-0.045)
+    d = decide(cand, metrics(acc=0.75), GatePolicy())
+    assert d.action == "reject"
+    assert check(d, "no_regression").status == "fail"
+    assert any("lower bound is -4.5 pts" in r and "2.0 pts" in r for r in d.reasons)
+    ok = with_deployed(metrics(acc=0.76), dep_acc=0.75, lower=-0.02)
+    assert decide(ok, metrics(acc=0.75), GatePolicy()).action == "deploy"
+
+
+def test_slice_regression_rejects_only_slices_big_enough_to_judge() -> None:
+    slices = {"source:editor": _paired(80, 0.6, 0.75, -0.25),
+              "domain:code": _paired(12, 0.2, 0.9, -0.9)}
+    cand = with_deployed(metrics(acc=0.76), dep_acc=0.75, lower=0.0, slices=slices)
+    d = decide(cand, metrics(acc=0.75), GatePolicy())
+    assert d.action == "reject"
+    assert check(d, "no_regression[source:editor]").status == "fail"
+    assert check(d, "no_regression[domain:code]").status == "skip"
+    assert d.reasons == [check(d, "no_regression[source:editor]").message]
+    assert "source 'editor' (80 pairs)" in d.reasons[0]
+    lenient = decide(cand, metrics(acc=0.75), GatePolicy(min_slice_pairs=100))
+    assert lenient.action == "deploy"
+
+
+def test_a_large_jump_holds() -> None:
+    cand = with_deployed(metrics(acc=0.85, lc=(100, 0.85, 100, 0.85)), dep_acc=0.65, lower=0.15)
+    d = decide(cand, metrics(acc=0.65), GatePolicy())
+    assert d.action == "hold"
+    assert d.reasons == [check(d, "jump").message]
+    assert "+20.0 pts" in d.reasons[0]
+
+
+def test_reject_wins_over_hold() -> None:
+    slices = {"source:x": _paired(60, 0.5, 0.8, -0.4)}
+    cand = with_deployed(metrics(acc=0.9, lc=(100, 0.9, 100, 0.9)), 0.6, 0.2, slices)
+    d = decide(cand, metrics(acc=0.6), GatePolicy())
+    assert d.action == "reject"
+    assert check(d, "jump").status == "fail"
+    assert len(d.reasons) == 2 and "source 'x'" in d.reasons[0] and "+30.0 pts" in d.reasons[1]
+
+
+def test_probe_accuracy_must_not_drop() -> None:
+    cand = with_deployed(metrics(probes=0.85), 0.75, 0.0)
+    d = decide(cand, metrics(probes=0.95), GatePolicy())
+    assert d.action == "reject"
+    assert any("deployed model's 95.8%" in r for r in d.reasons)
+    small_drop = decide(with_deployed(metrics(probes=0.9), 0.75, 0.0), metrics(probes=0.92),
+                        GatePolicy())
+    assert small_drop.action == "deploy"  # one probe pair (2.1 pts) is within tolerance
+    floor = decide(metrics(probes=0.4), None, GatePolicy())
+    assert floor.action == "reject" and check(floor, "probe_floor").status == "fail"
+
+
+def test_missing_probes_hold() -> None:
+    d = decide(metrics(probes=None), None, GatePolicy())
+    assert d.action == "hold" and "No probe-set results" in d.reasons[0]
+
+
+def test_uncomparable_inputs_hold() -> None:
+    no_pairing = decide(metrics(), metrics(), GatePolicy())
+    assert no_pairing.action == "hold"
+    assert "no paired comparison" in no_pairing.reasons[0]
+    other_set = decide(with_deployed(metrics(), 0.75, 0.0), metrics(fingerprint="other"),
+                       GatePolicy())
+    assert other_set.action == "hold" and "different held-out sets" in other_set.reasons[0]
+
+
+def test_end_to_end_with_evaluate() -> None:
+    """The real evaluator's output is what the gate reads."""
+    pairs, dep = [], []
+    for i in range(300):
+        lc, lr = (100 + i % 7, 80) if i % 2 else (60, 90 + i % 5)
+        good = i % 5 != 0  # 80% right; the deployed model 70%, never better on a pair
+        pairs.append(PairRecord(1.0 if good else -1.0, 0.0, lc, lr, "s", "d", f"e{i}"))
+        dep_good = i % 5 != 0 and i % 10 != 1
+        dep.append(PairRecord(1.0 if dep_good else -1.0, 0.0, lc, lr, "s", "d", f"e{i}"))
+    probe = [PairRecord(1.0, 0.0, 5, 5, "probe", "x", f"p{i}") for i in range(40)]
+    dep_m = evaluate(dep, probes=probe)
+    cand_m = evaluate(pairs, probes=probe, deployed_pairs=dep)
+    d = decide(cand_m, dep_m, GatePolicy())
+    assert d.action == "deploy", d.reasons
+    worse = decide(evaluate(dep, probes=probe, deployed_pairs=pairs), cand_m, GatePolicy())
+    assert worse.action == "reject"
+
+
+def test_policy_documents_every_knob() -> None:
+    from dataclasses import fields
+
+    for f in fields(GatePolicy):
+        assert f.metadata.get("help"), f.name
+    assert GatePolicy().to_json()["min_heldout_pairs"] == 50
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_zero_minimum_does_not_crash(n: int) -> None:
+    m = evaluate([PairRecord(1.0, 0.0, 1, 2, pair_id="a")][:n])
+    d = decide(m, None, GatePolicy(min_heldout_pairs=0))
+    assert d.action in ("deploy", "reject", "hold")

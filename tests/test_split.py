@@ -1,0 +1,98 @@
+"""The held-out split: stable, disjoint, and unmoved by growing data."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from palate.split import (
+    DEFAULT_FRACTION,
+    HELDOUT_SALT,
+    MIN_HELDOUT_PAIRS,
+    heldout_status,
+    is_heldout,
+    split_items,
+    split_key,
+    split_value,
+)
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"prompt {seed}-{i} {rng.random():.6f}" for i in range(n)]
+
+
+def test_split_is_stable_across_repeated_runs_and_orderings() -> None:
+    items = _prompts(2000, 1)
+    first = split_items(items, split_key)
+    shuffled = items[:]
+    random.Random(7).shuffle(shuffled)
+    again = split_items(shuffled, split_key)
+    assert set(first.heldout) == set(again.heldout)
+    assert set(first.train) == set(again.train)
+
+
+def test_split_is_disjoint_and_complete() -> None:
+    items = _prompts(2000, 2)
+    s = split_items(items, split_key)
+    assert not set(s.train) & set(s.heldout)
+    assert sorted(s.train + s.heldout) == sorted(items)
+
+
+def test_membership_never_changes_as_data_grows() -> None:
+    old = _prompts(500, 3)
+    before = split_items(old, split_key)
+    grown = old + _prompts(3000, 4)
+    random.Random(0).shuffle(grown)
+    after = split_items(grown, split_key)
+    assert set(before.heldout) <= set(after.heldout)
+    assert set(before.train) <= set(after.train)
+    assert not set(before.heldout) & set(after.train)
+
+
+def test_fraction_is_roughly_respected() -> None:
+    s = split_items(_prompts(10000, 5), split_key)
+    assert abs(len(s.heldout) / 10000 - DEFAULT_FRACTION) < 0.015
+
+
+def test_items_sharing_a_prompt_share_a_side() -> None:
+    # All pairs of one ranking (same prompt) and trivially different spellings of it.
+    pairs = [(p, k) for p in _prompts(300, 6) for k in range(3)]
+    pairs += [(p.upper() + "  \n", 9) for p in _prompts(300, 6)]
+    s = split_items(pairs, lambda pk: split_key(pk[0]))
+    held = {split_key(p) for p, _ in s.heldout}
+    assert held and not held & {split_key(p) for p, _ in s.train}
+
+
+def test_conversation_id_and_message_lists() -> None:
+    turn1 = [{"role": "user", "content": "Plan a trip"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Where?"},
+             {"role": "user", "content": "Rome"}]
+    assert split_key(turn1) == split_key(turn2)  # every turn of a conversation on one side
+    assert split_key("anything", conversation_id="c1") == split_key("other", conversation_id="c1")
+    assert split_key("x", conversation_id="c1") != split_key("x")
+
+
+def test_salt_gives_an_independent_split() -> None:
+    keys = [split_key(p) for p in _prompts(2000, 8)]
+    a = {k for k in keys if is_heldout(k)}
+    b = {k for k in keys if is_heldout(k, salt="another-salt:")}
+    # Independent splits overlap about fraction^2, far from identical.
+    assert len(a & b) < 0.5 * len(a)
+    assert 0.0 <= split_value("k", HELDOUT_SALT) < 1.0
+
+
+def test_bad_fraction_is_refused() -> None:
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError):
+            is_heldout("k", bad)
+
+
+def test_not_enough_data_says_so() -> None:
+    low = heldout_status(12)
+    assert not low.enough and low.minimum == MIN_HELDOUT_PAIRS
+    assert "Not enough data yet" in low.message and "12" in low.message
+    assert "38 more held-out pairs" in low.message
+    ok = heldout_status(MIN_HELDOUT_PAIRS)
+    assert ok.enough and str(MIN_HELDOUT_PAIRS) in ok.message

@@ -1,0 +1,133 @@
+"""Training loop on a tiny random llama: learns, is deterministic, the cache is exact."""
+
+from __future__ import annotations
+
+from palate.blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from palate.batching import PairExample, RatingExample, bucket_batches, encode_examples  # noqa: E402
+from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
+from palate.scoring import Scorer, group_rewards, make_streams  # noqa: E402
+from palate.training import (  # noqa: E402
+    ProgressEvent,
+    TrainConfig,
+    build_prefix_cache,
+    train_reward_model,
+)
+from tiny_lm import marker_pairs, tiny_base  # noqa: E402
+
+FAST = dict(lora_layers=2, lr=3e-3, batch_tokens=1024, max_tokens=64, eval_every=10)
+
+
+def test_learns_marker_preference_to_95_percent_heldout() -> None:
+    base = tiny_base()
+    events: list[ProgressEvent] = []
+    res = train_reward_model(marker_pairs(300), TrainConfig(epochs=3, **FAST), events.append, base)
+    test = marker_pairs(200, seed=99)
+    a, b = Scorer(res.model, base.tokenizer, 64, res.calibration).score_pairs(
+        [(e.prompt, e.chosen, e.rejected) for e in test]
+    )
+    assert (a > b).mean() >= 0.95
+    phases = {e.phase for e in events}
+    assert {"encode", "cache", "train", "validate", "done"} <= phases
+    train_ev = [e for e in events if e.phase == "train"]
+    assert all(e.tokens_per_s and e.eta_s is not None and e.total for e in train_ev)
+    assert res.calibration.std > 0 and res.calibration.temperature > 0
+
+
+def test_loss_decreases() -> None:
+    base = tiny_base()
+    res = train_reward_model(
+        marker_pairs(120), TrainConfig(epochs=2, val_fraction=0, **FAST), base=base
+    )
+    losses = [h["train_loss"] for h in res.history if "train_loss" in h]
+    assert losses[-1] < losses[0] < 0.8
+
+
+def test_same_seed_same_model() -> None:
+    ex = marker_pairs(60)
+    cfg = TrainConfig(epochs=1, **FAST)
+    r1 = train_reward_model(ex, cfg, base=tiny_base())
+    r2 = train_reward_model(ex, cfg, base=tiny_base())
+    s1, s2 = r1.model.trainable_state(), r2.model.trainable_state()
+    assert all(np.array_equal(np.array(s1[k]), np.array(s2[k])) for k in s1)
+
+
+def test_prefix_cache_equals_uncached_path() -> None:
+    base = tiny_base()
+    model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
+    groups, _ = encode_examples(marker_pairs(40), base.tokenizer, 64)
+    streams = make_streams(1)
+    full = group_rewards(model, groups, 512, streams)
+    for dtype, tol in (("float32", 1e-5), ("float16", 2e-3)):
+        hidden = build_prefix_cache(model, groups, 700, streams, dtype)
+        cached = group_rewards(model, groups, 512, streams, hidden)
+        np.testing.assert_allclose(np.concatenate(cached), np.concatenate(full), atol=tol)
+
+
+def test_cached_and_uncached_training_agree() -> None:
+    ex = marker_pairs(60)
+    base_cfg = dict(FAST, epochs=1, cache_dtype="float32", streams=1)
+    r1 = train_reward_model(ex, TrainConfig(prefix_cache=True, **base_cfg), base=tiny_base())
+    r2 = train_reward_model(ex, TrainConfig(prefix_cache=False, **base_cfg), base=tiny_base())
+    s1, s2 = r1.model.trainable_state(), r2.model.trainable_state()
+    for k in s1:
+        np.testing.assert_allclose(np.array(s1[k]), np.array(s2[k]), atol=1e-3)
+
+
+def test_remainder_examples_are_trained_on() -> None:
+    """Every batch, including the partial last one, gives an optimizer step; a dataset
+    smaller than one batch still trains (mlx-lm's iterate_batches would train on nothing)."""
+    base = tiny_base()
+    ex = [*marker_pairs(7), PairExample("w1 " * 30, "zz w2", "w3 w4")]
+    cfg = TrainConfig(epochs=1, val_fraction=0, **dict(FAST, batch_tokens=150, lr=1e-2))
+    groups, _ = encode_examples(ex, base.tokenizer, 64)
+    batches = bucket_batches(groups, cfg.batch_tokens)
+    assert sorted(i for b in batches for i in b) == list(range(8)) and len(batches) > 1
+    assert train_reward_model(ex, cfg, base=base).metrics["steps"] == len(batches)
+    init = RewardModel(tiny_base().model, cfg.lora(), seed=cfg.seed).trainable_state()
+    one = train_reward_model(ex[-1:], cfg, base=tiny_base()).model.trainable_state()
+    assert not np.array_equal(np.array(one["head.weight"]), np.array(init["head.weight"]))
+
+
+def test_pairs_and_ratings_in_one_run() -> None:
+    base = tiny_base()
+    pairs = marker_pairs(60)
+    ratings = [RatingExample(p.prompt, p.chosen, 1.0) for p in pairs[:30]]
+    ratings += [RatingExample(p.prompt, p.rejected, 0.0) for p in pairs[30:]]
+    res = train_reward_model(pairs + ratings, TrainConfig(epochs=2, **FAST), base=base)
+    assert res.data_summary["ratings"] == 60 and res.data_summary["pairs"] == 60
+
+
+def test_empty_dataset_rejected() -> None:
+    with pytest.raises(ValueError):
+        train_reward_model([], TrainConfig(), base=tiny_base())
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_dev.jsonl"
+
+
+@pytest.mark.slow
+def test_real_embedded_model_few_steps_reduce_loss() -> None:
+    from palate.base_model import load_base_model
+
+    if not DATA.exists():
+        pytest.skip("shared data not present")
+    base = load_base_model("builtin:smollm2-135m")
+    rows = [json.loads(line) for line in DATA.open()][:24]
+    ex = [PairExample(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    cfg = TrainConfig(
+        epochs=6, val_fraction=0, max_tokens=128, batch_tokens=2048, lr=1e-3, warmup_steps=0
+    )
+    res = train_reward_model(ex, cfg, base=base)
+    losses = [h["train_loss"] for h in res.history if "train_loss" in h]
+    assert losses[-1] < losses[0]
+    mx.eval(res.model.parameters())

@@ -1,0 +1,212 @@
+"""Fault tests of the training child and the daemon around it, with real processes.
+
+A tiny random GGUF base model (tests/tiny_gguf.py) makes a real training run take seconds.
+The child is killed with SIGKILL mid-run: the registry must be exactly as before, the
+deployed model must keep serving, and the next run must succeed. SIGTERM to the daemon
+while feedback pours in (or while a run trains) must exit 0 within launchd's budget with
+every acknowledged event still stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DaemonProc, daemon_env
+from palate.errors import PalateError
+
+pytestmark = pytest.mark.slow
+
+#: launchd sends SIGKILL 20 s after SIGTERM (ExitTimeOut); systemd's TimeoutStopSec=20.
+STOP_BUDGET_S = 20.0
+PROMPTS = ["how do I sort a list", "explain recursion", "what is a monad", "fix this bug"]
+
+
+def pair(i: int, tag: str = "e") -> dict[str, Any]:
+    return {
+        "kind": "pair",
+        "id": f"{tag}{i}",
+        "source": "test",
+        "ts": time.time(),
+        "prompt": f"{PROMPTS[i % 4]} ({i})",
+        "chosen": "a clear, correct and helpful answer " * (1 + i % 3),
+        "rejected": "no " * (1 + i % 5),
+    }
+
+
+def write_config(home: Path, gguf: Path, epochs: int) -> None:
+    (home / "config.toml").write_text(
+        f'base_model = "{gguf}"\n'
+        f"[train]\nepochs = {epochs}\nmax_tokens = 64\nlora_layers = 1\nstreams = 1\n"
+        "eval_every = 1000\npatience = 1000\n"
+    )
+
+
+@pytest.fixture
+def tiny_home(home: Path) -> tuple[Path, Path]:
+    tiny_gguf = pytest.importorskip("tiny_gguf")
+    args = tiny_gguf.tiny_args()
+    gguf = tiny_gguf.write_gguf(home / "tiny.gguf", tiny_gguf.tiny_model(args), args)
+    write_config(home, gguf, epochs=2)
+    return home, gguf
+
+
+def wait_for(what: Callable[[], Any], timeout: float, message: str) -> Any:
+    """Poll a real process's state; never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {message}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as gone
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return True
+
+
+def registry(d: DaemonProc) -> tuple[list[tuple[int, str]], int | None]:
+    with d.client() as c:
+        m = c.call("models", {})
+    return [(x["version"], x["state"]) for x in m["models"]], m["deployed"]
+
+
+def score(d: DaemonProc) -> dict[str, Any]:
+    """Score with the deployed model through the daemon's scorer."""
+    with d.client() as c:
+        r: dict[str, Any] = c.score("explain recursion", ["a helpful answer", "no"])
+    return r
+
+
+def training(d: DaemonProc) -> dict[str, Any]:
+    with d.client() as c:
+        t: dict[str, Any] = c.status()["training"]
+    return t
+
+
+def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
+    tiny_home: tuple[Path, Path],
+) -> None:
+    home, gguf = tiny_home
+    d = DaemonProc(home, daemon_env(home)).start()
+    with d.client() as c:
+        c.ingest_batch([pair(i) for i in range(80)])
+        first = c.train(wait=True)["job"]
+        assert first["outcome"] == "done", first
+        v1 = first["result"]["version"]
+        c.call("deploy", {"version": v1, "override": True, "reason": "test baseline"})
+    before = score(d)
+    assert before["version"] == v1
+    models_before, deployed_before = registry(d)
+
+    # a long run this time: the child reads config.toml when it starts
+    write_config(home, gguf, epochs=400)
+    with d.client() as c:
+        job = c.train()["job"]
+    running = wait_for(
+        lambda: (t := training(d)["current"]) and t.get("phase") == "train" and t,
+        60,
+        "the child never reported the train phase",
+    )
+    assert running["id"] == job["id"]
+    os.kill(running["pid"], signal.SIGKILL)
+    last = wait_for(
+        lambda: (t := training(d)["last"]) and t["id"] == job["id"] and t,
+        30,
+        "the daemon did not notice the kill",
+    )
+    assert last["outcome"] == "killed"
+    assert training(d)["current"] is None
+
+    assert registry(d) == (models_before, deployed_before)  # no half-registered version
+    after = score(d)  # the deployed model still serves, with the same scores
+    assert after["version"] == v1 and after["scores"] == pytest.approx(before["scores"])
+
+    write_config(home, gguf, epochs=2)
+    with d.client() as c:
+        nxt = c.train(wait=True)["job"]
+    assert nxt["outcome"] == "done", nxt
+    models_after, deployed_after = registry(d)
+    assert len(models_after) == len(models_before) + 1
+    assert models_after[0][0] == nxt["result"]["version"] > v1
+    assert deployed_after in (v1, nxt["result"]["version"])
+    assert d.terminate() == 0
+
+
+def test_sigterm_during_a_run_exits_zero_and_stops_the_child(
+    tiny_home: tuple[Path, Path],
+) -> None:
+    home, gguf = tiny_home
+    write_config(home, gguf, epochs=400)
+    d = DaemonProc(home, daemon_env(home)).start()
+    with d.client() as c:
+        c.ingest_batch([pair(i) for i in range(80)])
+        c.train()
+    child = wait_for(
+        lambda: (t := training(d)["current"]) and t.get("pid") and t,
+        30,
+        "no training child",
+    )
+    assert d.terminate(timeout=STOP_BUDGET_S) == 0
+    wait_for(lambda: not alive(child["pid"]), 5, "the training child outlived the daemon")
+    d2 = DaemonProc(home, daemon_env(home)).start()
+    assert registry(d2) == ([], None)
+    assert d2.terminate() == 0
+
+
+def test_sigterm_during_ingest_loses_nothing_acknowledged(home: Path) -> None:
+    d = DaemonProc(home, daemon_env(home)).start()
+    acked: list[str] = []
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def pour(worker: int) -> None:
+        n = 0
+        try:
+            with d.client() as c:
+                while True:
+                    batch = [pair(n + k, f"w{worker}-") for k in range(25)]
+                    c.ingest_batch(batch)
+                    acked.extend(e["id"] for e in batch)  # only after the ack
+                    n += 25
+                    started.set()
+        except (PalateError, OSError) as e:  # the daemon went away: expected
+            errors.append(e)
+
+    threads = [threading.Thread(target=pour, args=(w,), daemon=True) for w in range(3)]
+    for t in threads:
+        t.start()
+    assert started.wait(30)
+    wait_for(lambda: len(acked) >= 300, 30, "ingest too slow")
+    assert d.terminate(timeout=STOP_BUDGET_S) == 0
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 3  # every client saw the daemon go, none hung
+    acked_ids = list(acked)
+
+    d2 = DaemonProc(home, daemon_env(home)).start()
+    with d2.client() as c:
+        for i in range(0, len(acked_ids), 1000):
+            chunk = acked_ids[i : i + 1000]
+            # resending is harmless: every acknowledged id must come back as a duplicate
+            events = [dict(pair(int(x.split("-")[1]), x.split("-")[0] + "-"), id=x) for x in chunk]
+            r = c.ingest_batch(events)
+            assert r["accepted"] == 0 and r["duplicates"] == len(chunk)
+    assert len(set(acked_ids)) == len(acked_ids)
+    assert d2.terminate() == 0
