@@ -2,7 +2,8 @@
 
 Runs under a separate interpreter that has torch (never the project venv):
 
-    python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 transformers gguf accelerate
+    python3 -m venv /tmp/torchvenv
+    /tmp/torchvenv/bin/pip install torch==2.13.0 transformers gguf accelerate
     .venv/bin/python bench/score.py --torch-python /tmp/torchvenv/bin/python
 
 Reads ``{"gguf": path, "seqs": [[token ids], ...]}`` on stdin (the exact sequences the MLX
