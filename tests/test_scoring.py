@@ -12,8 +12,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from palate.metrics import fit_temperature  # noqa: E402
 from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
-from palate.scoring import Calibration, Scorer, fit_temperature  # noqa: E402
+from palate.scoring import Calibration, Scorer  # noqa: E402
 from tiny_lm import WORDS, tiny_base  # noqa: E402
 
 

@@ -6,80 +6,27 @@ Every library error becomes one clear line on stderr and a documented exit code
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 
 from . import __version__
 from .cli_adapters import adapters as adapters_group
 from .cli_adapters import browser as browser_group
+from .cli_common import EXIT_CODES, emit, fail, handles_errors, json_option
 from .cli_service import schedule as schedule_command
 from .cli_service import service as service_group
 from .client import Client
 from .errors import PalateError
 from .paths import resolve
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Exit codes by error code; documented in docs/cli.md and tested.
-EXIT_CODES: dict[str, int] = {
-    "internal": 1,
-    "unknown_method": 1,
-    "unavailable": 3,
-    "invalid_event": 4,
-    "invalid_request": 4,
-    "too_large": 4,
-    "not_found": 4,
-    "conflict": 4,
-    "key_error": 5,
-    "storage_error": 5,
-    "storage_full": 5,
-    "busy": 6,
-    "model_error": 7,
-    "no_model": 7,
-    "unauthorized": 8,
-}
-
-
-def fail(err: PalateError, as_json: bool = False) -> NoReturn:
-    if as_json:
-        click.echo(json.dumps({"error": err.to_wire()}), err=False)
-    click.echo(f"palate: error: {err.message}", err=True)
-    sys.exit(EXIT_CODES.get(err.code, 1))
-
-
-def handles_errors(fn: F) -> F:
-    """Turn PalateError into one line + exit code; keep tracebacks for real bugs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PalateError as e:
-            fail(e, bool(kwargs.get("as_json")))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def json_option(fn: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of text."
-    )(fn)
-
-
-def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    else:
-        human(data)
+__all__ = ["EXIT_CODES", "cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

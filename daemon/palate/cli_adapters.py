@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -22,27 +22,11 @@ from .adapters import (
     load_adapter,
 )
 from .adapters.redaction import Redactor
+from .cli_common import emit as _print
+from .cli_common import fail as _fail
+from .cli_common import json_option as _json
 from .errors import PalateError
 from .paths import resolve
-
-
-def _fail(err: PalateError, as_json: bool = False) -> NoReturn:
-    from .cli import EXIT_CODES
-
-    if as_json:
-        click.echo(json.dumps({"error": err.to_wire()}))
-    click.echo(f"palate: error: {err.message}", err=True)
-    sys.exit(EXIT_CODES.get(err.code, 1))
-
-
-def _print(data: Any, as_json: bool, human: Any) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    else:
-        human(data)
-
-
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 @click.group()

@@ -314,7 +314,7 @@ def train_command(
 
 def _train_in_daemon(wait: bool, as_json: bool) -> None:
     """Ask the daemon for a run now; with ``wait``, draw its progress and print the decision."""
-    from palate.cli import EXIT_CODES
+    from palate.cli_common import EXIT_CODES
     from palate.client import Client
     from palate.errors import PalateError
 
@@ -519,7 +519,7 @@ def score_command(
 
 
 def _score_in_daemon(prompt: str, responses: list[str], as_json: bool) -> None:
-    from palate.cli import EXIT_CODES
+    from palate.cli_common import EXIT_CODES
     from palate.client import Client
     from palate.errors import PalateError
 

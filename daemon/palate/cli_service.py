@@ -8,33 +8,17 @@ imported first.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from .cli_common import emit as _print
+from .cli_common import fail as _fail
+from .cli_common import json_option as _json
 from .errors import PalateError
 from .service import Report, ServiceContext, ServiceManager, ServiceStatus, manager_for
-
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-
-
-def _fail(err: PalateError, as_json: bool = False) -> NoReturn:
-    from .cli import EXIT_CODES
-
-    if as_json:
-        click.echo(json.dumps({"error": err.to_wire()}))
-    click.echo(f"palate: error: {err.message}", err=True)
-    sys.exit(EXIT_CODES.get(err.code, 1))
-
-
-def _print(data: Any, as_json: bool, human: Any) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-    else:
-        human(data)
 
 
 def make_manager() -> ServiceManager:

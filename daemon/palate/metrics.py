@@ -78,3 +78,36 @@ def pairwise_report(
         baseline_longer=longer,
         mean_margin=float((c - r).mean()) if n else 0.0,
     )
+
+
+def fit_temperature(diffs: Sequence[float] | np.ndarray) -> float:
+    """T minimising the log loss of ``sigmoid(diff / T)`` over pairs where the first won.
+
+    Fit it on *validation* diffs (``score_chosen - score_rejected``) only, never on the
+    held-out set being judged, or the calibration numbers grade their own homework. Same
+    estimator used everywhere (golden-section search on log T in [1e-2, 1e2]);
+    1.0 without informative data. If every diff is positive the optimum is T -> 0 and the
+    search stops at the bound.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0 or not np.any(d):
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        return float(np.logaddexp(0.0, -d / math.exp(log_t)).mean())
+
+    lo, hi = math.log(1e-2), math.log(1e2)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return float(math.exp((lo + hi) / 2))

@@ -48,7 +48,6 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "batch_arrays",
-    "fit_temperature",
     "group_rewards",
     "make_streams",
 ]
@@ -69,34 +68,6 @@ class Calibration:
         """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
         x = (r_a - r_b) / self.temperature
         return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
-
-
-def fit_temperature(diffs: np.ndarray) -> float:
-    """T minimising the log loss of ``sigmoid(diff / T)`` for pairs where the first won.
-
-    Golden-section search on log T in [1e-2, 1e2]; returns 1.0 without data.
-    """
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.size == 0 or not np.any(d):
-        return 1.0
-
-    def nll(log_t: float) -> float:
-        return float(np.logaddexp(0.0, -d / math.exp(log_t)).mean())
-
-    lo, hi = math.log(1e-2), math.log(1e2)
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    for _ in range(80):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(b)
-    return float(math.exp((lo + hi) / 2))
 
 
 def make_streams(n: int) -> list[Any]:

@@ -51,11 +51,11 @@ from palate.batching import (
     split_key,
 )
 from palate.losses import LossInputs, preference_loss
+from palate.metrics import fit_temperature
 from palate.reward_model import LoraConfig, RewardModel, configure_cpu_threads
 from palate.scoring import (
     Calibration,
     batch_arrays,
-    fit_temperature,
     group_rewards,
     make_streams,
 )
