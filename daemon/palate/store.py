@@ -139,6 +139,22 @@ def storage_error(e: BaseException, action: str) -> PalateError:
 class Store:
     """The SQLCipher database of one Palate home."""
 
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[sqlite.Connection]:
+        """One write transaction: committed if the block finishes, rolled back on any
+        exception; SQLite errors become the documented codes (``storage_full``...)."""
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            yield c
+            c.execute("COMMIT")
+        except BaseException as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            if isinstance(e, sqlite.Error):
+                raise storage_error(e, action) from e
+            raise
+
     def __init__(self, path: Path, key: bytes | bytearray) -> None:
         self.path = path
         self._conn = self._open(path, key)
@@ -402,19 +418,12 @@ class Store:
 
     def set_meta(self, key: str, value: Any) -> None:
         """Durably set one JSON value (its own transaction)."""
-        c = self._conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with self._write("saving state") as c:
             c.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
                 "SET value = excluded.value",
                 (key, json.dumps(value)),
             )
-            c.execute("COMMIT")
-        except sqlite.Error as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise storage_error(e, "saving state") from e
 
     def max_seq(self) -> int:
         """The newest event's sequence number (0 when empty): a cheap 'new data' watermark."""
@@ -430,20 +439,13 @@ class Store:
             raise ValueError(f"unknown model state {state!r}")
         if state == "deployed":
             raise ValueError("use deploy_model(): exactly one version may be deployed")
-        c = self._conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with self._write("saving the model") as c:
             version = c.execute(
                 "INSERT INTO models (created, state, base_model, meta, artifact) "
                 "VALUES (?, ?, ?, ?, ?) RETURNING version",
                 (time.time(), state, base_model, json.dumps(dict(meta), sort_keys=True), artifact),
             ).fetchone()[0]
             self.audit("model_added", {"version": version, "state": state})
-            c.execute("COMMIT")
-        except sqlite.Error as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise storage_error(e, "saving the model") from e
         return int(version)
 
     def list_models(self) -> list[dict[str, Any]]:
@@ -499,19 +501,12 @@ class Store:
             raise ValueError("use deploy_model(): exactly one version may be deployed")
         info, _ = self.get_model(version)
         merged = {**info["meta"], **dict(meta or {})}
-        c = self._conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with self._write("updating the model") as c:
             c.execute(
                 "UPDATE models SET state = coalesce(?, state), meta = ? WHERE version = ?",
                 (state, json.dumps(merged, sort_keys=True), version),
             )
             self.audit("model_updated", {"version": version, "state": state})
-            c.execute("COMMIT")
-        except sqlite.Error as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise storage_error(e, "updating the model") from e
 
     def deployed_version(self) -> int | None:
         row = self._conn.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
@@ -524,17 +519,13 @@ class Store:
         can never leave zero or two deployed versions. ``how`` records why (``gate``,
         ``override``, ``rollback``) for the history the user sees.
         """
-        c = self._conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with self._write("deploying the model") as c:
             row = c.execute("SELECT state FROM models WHERE version = ?", (version,)).fetchone()
             if row is None:
-                c.execute("ROLLBACK")
                 raise PalateError("not_found", f"no model version {version}")
             prev_row = c.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
             previous = None if prev_row is None else int(prev_row[0])
             if previous == version:
-                c.execute("ROLLBACK")
                 return previous
             c.execute("UPDATE models SET state = 'retired' WHERE state = 'deployed'")
             c.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (version,))
@@ -544,11 +535,6 @@ class Store:
                 (time.time(), version, previous, how, reason),
             )
             self.audit("deploy", {"version": version, "previous": previous, "how": how})
-            c.execute("COMMIT")
-        except sqlite.Error as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise storage_error(e, "deploying the model") from e
         return previous
 
     def rollback_target(self) -> int | None:
@@ -579,19 +565,12 @@ class Store:
         doomed = [v for v in versions[keep:] if v not in protected]
         if not doomed:
             return []
-        c = self._conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
+        with self._write("pruning models") as c:
             marks = ",".join("?" * len(doomed))
             c.execute(f"DELETE FROM deployments WHERE version IN ({marks})", doomed)
             c.execute(f"UPDATE deployments SET previous = NULL WHERE previous IN ({marks})", doomed)
             c.execute(f"DELETE FROM models WHERE version IN ({marks})", doomed)
             self.audit("prune", {"deleted": doomed})
-            c.execute("COMMIT")
-        except sqlite.Error as e:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise storage_error(e, "pruning models") from e
         return doomed
 
     def integrity_check(self) -> str:
