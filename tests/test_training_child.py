@@ -210,3 +210,17 @@ def test_sigterm_during_ingest_loses_nothing_acknowledged(home: Path) -> None:
             assert r["accepted"] == 0 and r["duplicates"] == len(chunk)
     assert len(set(acked_ids)) == len(acked_ids)
     assert d2.terminate() == 0
+
+
+def test_memory_ceiling_stops_the_child(tiny_home: tuple[Path, Path]) -> None:
+    home, _ = tiny_home
+    with (home / "config.toml").open("a") as fh:
+        fh.write("[schedule]\nmemory_gb = 0.05\n")  # far below what importing MLX needs
+    d = DaemonProc(home, daemon_env(home)).start()
+    with d.client() as c:
+        c.ingest_batch([pair(i) for i in range(40)])
+        job = c.train(wait=True)["job"]
+        assert job["outcome"] == "killed", job
+        assert "memory ceiling" in job["error"]
+        assert c.call("models")["models"] == []  # nothing half-registered
+    assert d.terminate() == 0

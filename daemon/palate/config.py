@@ -73,6 +73,8 @@ class ScheduleConfig:
     """How late a missed run may still start (e.g. after a night asleep); 24 = always once."""
     budget_h: float = 4.0
     """Wall-clock budget of one training run; the child is stopped after it."""
+    memory_gb: float = 6.0
+    """Resident-memory ceiling of the training child; it is stopped above it (0 = none)."""
 
 
 #: Allowed ``[schedule]`` keys and the types their TOML values may have.
@@ -84,6 +86,7 @@ SCHEDULE_TYPES: dict[str, tuple[type, ...]] = {
     "require_idle_s": (int, float),
     "grace_h": (int, float),
     "budget_h": (int, float),
+    "memory_gb": (int, float),
 }
 
 

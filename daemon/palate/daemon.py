@@ -181,6 +181,7 @@ class Daemon:
             dict(os.environ, PALATE_HOME=str(self.paths.home)),
             on_result,
             budget_s=self.config.schedule.budget_h * 3600,
+            memory_bytes=int(self.config.schedule.memory_gb * 2**30),
         )
         api.jobs = jobs
         scheduler = Scheduler(self.config.schedule, jobs, WriterState(writer))

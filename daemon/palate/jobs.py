@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 TRAIN_NICE = 10
 #: How long a SIGTERM'd child gets before SIGKILL.
 KILL_GRACE_S = 3.0
+#: macOS's tool for the background CPU/I/O policy of a process.
+TASKPOLICY = "/usr/bin/taskpolicy"
+MEMORY_POLL_S = 2.0
 #: Progress lines longer than this are dropped (a confused child must not flood us).
 MAX_LINE = 64 * 1024
 
@@ -66,10 +69,12 @@ class TrainingJobs:
         on_result: Callable[[dict[str, Any]], Awaitable[None]],
         *,
         budget_s: float = 4 * 3600.0,
+        memory_bytes: int = 0,
     ) -> None:
         self.env = env
         self.on_result = on_result
         self.budget_s = budget_s
+        self.memory_bytes = memory_bytes
         self.current: Job | None = None
         self.last: Job | None = None
         self.listeners: set[Listener] = set()
@@ -110,6 +115,8 @@ class TrainingJobs:
 
     async def _run(self, job: Job, extra: list[str]) -> None:
         cmd = [sys.executable, "-m", "palate.train_job", "--job", job.id, *extra]
+        if sys.platform == "darwin" and os.path.exists(TASKPOLICY):
+            cmd = [TASKPOLICY, "-b", *cmd]  # background CPU and I/O policy (the nice of macOS)
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -122,12 +129,14 @@ class TrainingJobs:
             job.pid = self._proc.pid
             log.info("training run %s started (pid %d): %s", job.id, job.pid, job.reason)
             stderr_task = asyncio.create_task(self._drain_stderr(self._proc))
+            guard = asyncio.create_task(self._memory_guard(job, self._proc.pid))
             try:
                 await asyncio.wait_for(self._follow(job, self._proc), self.budget_s)
             except asyncio.TimeoutError:
                 job.error = f"exceeded its wall-clock budget of {self.budget_s:.0f} s"
                 await self._kill()
             rc = await self._proc.wait()
+            guard.cancel()
             tail = await stderr_task
             if job.outcome is None:
                 if rc == 0 and job.result:
@@ -175,6 +184,26 @@ class TrainingJobs:
             elif msg.get("type") == "result":
                 job.result = {k: v for k, v in msg.items() if k != "type"}
 
+    async def _memory_guard(self, job: Job, pid: int) -> None:
+        """Stop the child when its resident memory passes the ceiling (checked every 2 s).
+
+        An address-space rlimit would be simpler but breaks MLX, which maps far more than it
+        touches; resident memory is what makes a laptop swap.
+        """
+        if self.memory_bytes <= 0:
+            return
+        while True:
+            await asyncio.sleep(MEMORY_POLL_S)
+            rss = resident_bytes(pid)
+            if rss is not None and rss > self.memory_bytes:
+                job.error = (
+                    f"used {rss / 2**30:.1f} GiB, over the memory ceiling of "
+                    f"{self.memory_bytes / 2**30:.1f} GiB ([schedule] memory_gb)"
+                )
+                log.warning("training run %s: %s", job.id, job.error)
+                await self._kill()
+                return
+
     @staticmethod
     async def _drain_stderr(proc: asyncio.subprocess.Process) -> str:
         assert proc.stderr is not None
@@ -203,6 +232,24 @@ class TrainingJobs:
             if self._task is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._task, KILL_GRACE_S + 2)
+
+
+def resident_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` (Linux /proc, else ``ps``); None when unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return int(out) * 1024 if out else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 def _lower_priority() -> None:
