@@ -206,3 +206,17 @@ def test_serving_under_load_swap_busy_and_ingest(tiny_daemon: DaemonProc) -> Non
         st = c.status()["scorer"]
         assert st["queued"] == 0
         assert c.rerank("q", ["a", f"b {MARKER}"])["order"][0] == 1
+
+        # Cancellation on hang-up, measured: queue 40 requests, hang up at once; the
+        # scorer must skip (not score) what it had not started.
+        before = c.status()["scorer"]["scored"]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(d.paths.socket))
+        s.sendall(b"".join(protocol.pack([0, i, "rerank", {"prompt": long, "candidates":
+                                          [long + str(j) for j in range(16)]}])
+                           for i in range(40)))
+        s.close()
+        while c.status()["scorer"]["queued"] and time.monotonic() < deadline + 60:
+            time.sleep(0.1)
+        scored = c.status()["scorer"]["scored"] - before
+        assert scored < 40 * 16 // 2, f"{scored} candidates scored for a client that hung up"
