@@ -38,6 +38,9 @@ MAX_QUEUED = 64
 BATCH_WINDOW_S = 0.004
 #: Candidates scored in one batch across requests (bounds memory and latency).
 MAX_BATCH_CANDIDATES = 64
+#: Characters of text per batch (~4 per token). On a CPU a bigger batch buys no throughput
+#: but makes every request in it wait for all of them, so batches stay small.
+MAX_BATCH_CHARS = 12_000
 
 
 @dataclass
@@ -147,8 +150,9 @@ class ScoringService:
                 return
             batch = [first]
             n = len(first.responses)
+            chars = _chars(first)
             window_end = time.monotonic() + BATCH_WINDOW_S
-            while n < MAX_BATCH_CANDIDATES:
+            while n < MAX_BATCH_CANDIDATES and chars < MAX_BATCH_CHARS:
                 remaining = window_end - time.monotonic()
                 try:
                     nxt = (
@@ -163,6 +167,7 @@ class ScoringService:
                     break
                 batch.append(nxt)
                 n += len(nxt.responses)
+                chars += _chars(nxt)
             self._serve(batch)
 
     def _serve(self, batch: list[_Request]) -> None:
@@ -232,6 +237,10 @@ class ScoringService:
                 import mlx.core as mx
 
                 mx.clear_cache()
+
+
+def _chars(req: _Request) -> int:
+    return len(req.prompt) + sum(len(r) for r in req.responses)
 
 
 def softmax(xs: Sequence[float]) -> list[float]:
