@@ -220,3 +220,24 @@ def test_serving_under_load_swap_busy_and_ingest(tiny_daemon: DaemonProc) -> Non
             time.sleep(0.1)
         scored = c.status()["scorer"]["scored"] - before
         assert scored < 40 * 16 // 2, f"{scored} candidates scored for a client that hung up"
+
+
+def test_sigterm_while_scoring_exits_zero_in_budget(tiny_daemon: DaemonProc) -> None:
+    d = tiny_daemon
+    with d.client() as c:
+        c.ingest_batch(marker_pairs(360, "good"))
+    train(d)
+    long = "omega " * 4000
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(d.paths.socket))
+    s.sendall(b"".join(protocol.pack([0, i, "rerank", {"prompt": long, "candidates":
+                                      [long + str(j) for j in range(16)]}])
+                       for i in range(30)))
+    with d.client() as c:  # make sure scoring is really under way
+        deadline = time.monotonic() + 30
+        while not c.status()["scorer"]["batches"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    assert d.terminate(timeout=30) == 0
+    assert time.monotonic() - t0 < 20, "launchd/systemd would SIGKILL after 20 s"
+    s.close()
