@@ -39,6 +39,14 @@ HH_DATA = SHARED / "data" / "hh_harmless_dev.jsonl"
 PALATE = [sys.executable, "-m", "palate.cli"]
 
 
+def missing(reason: str) -> None:
+    """A test input that make/CI always provide is absent: fail under CI (where its absence is
+    a defect of the setup), skip with the reason on a developer's partial checkout."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def home() -> Iterator[Path]:
     """A short temp dir (socket paths must stay under 103 bytes)."""

@@ -19,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
+from conftest import missing
 from palate.base_model import (
     DEFAULT_BASE_MODEL,
     BaseModel,
@@ -284,7 +285,7 @@ def smollm2() -> BaseModel:
     try:
         locate_builtin("smollm2-135m")
     except ModelLoadError as exc:
-        pytest.skip(str(exc))
+        missing(str(exc))
     return load_base_model(DEFAULT_BASE_MODEL, keep_quantized=False)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HH_DATA, PALATE, REPO, DaemonProc, daemon_env
+from conftest import HH_DATA, PALATE, REPO, DaemonProc, daemon_env, missing
 from palate.cli import EXIT_CODES, cli
 
 
@@ -84,7 +84,7 @@ def test_feedback_file_contract(palate_daemon: DaemonProc, tmp_path: Path) -> No
 
 def test_feedback_hh_file(palate_daemon: DaemonProc) -> None:
     if not HH_DATA.exists():
-        pytest.skip("shared data not present")
+        missing("shared data not present")
     r = palate_daemon.cli("feedback", "--file", str(HH_DATA), "--source", "hh")
     assert r.returncode == 0, r.stderr
     n = sum(1 for line in HH_DATA.open() if line.strip())

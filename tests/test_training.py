@@ -13,6 +13,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from conftest import missing  # noqa: E402
 from palate.batching import PairExample, RatingExample, bucket_batches, encode_examples  # noqa: E402
 from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
 from palate.scoring import Scorer, group_rewards, make_streams  # noqa: E402
@@ -120,7 +121,7 @@ def test_real_embedded_model_few_steps_reduce_loss() -> None:
     from palate.base_model import load_base_model
 
     if not DATA.exists():
-        pytest.skip("shared data not present")
+        missing("shared data not present")
     base = load_base_model("builtin:smollm2-135m")
     rows = [json.loads(line) for line in DATA.open()][:24]
     ex = [PairExample(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
