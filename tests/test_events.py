@@ -198,7 +198,7 @@ def test_to_examples() -> None:
         {"kind": "rating", "source": "s", "prompt": "p", "response": "r", "label": -1}, now=NOW
     )
     (ex3,) = to_examples(rating)
-    assert isinstance(ex3, RatingExample) and ex3.target == 0.0
+    assert isinstance(ex3, RatingExample) and ex3.label == 0.0
     ranking = validate_event(
         {"kind": "ranking", "source": "s", "prompt": "p", "responses": ["a", "b", "c", "d"]},
         now=NOW,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from palate.events import Example, PairExample, RatingExample
 from palate.reward_model import Messages, Truncation, encode_prompt_responses, truncate_group
 
 __all__ = [
@@ -34,30 +35,6 @@ __all__ = [
     "encode_examples",
     "split_key",
 ]
-
-
-@dataclass(frozen=True)
-class PairExample:
-    """``chosen`` preferred over ``rejected``; ``margin`` asks for at least that reward gap."""
-
-    prompt: str | Messages
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class RatingExample:
-    """An unpaired judgement: ``label`` 1.0 = good, 0.0 = bad (soft values allowed)."""
-
-    prompt: str | Messages
-    response: str
-    label: float
-    weight: float = 1.0
-
-
-Example = PairExample | RatingExample
 
 
 def prompt_text(prompt: str | Messages) -> str:

@@ -296,11 +296,19 @@ def from_simple(obj: Any, source: str) -> Any:
 # --- training examples ---------------------------------------------------------
 
 
+#: A prompt as text, or as chat turns ``[{role, content}, ...]``.
+Messages = list[dict[str, str]]
+
+
 @dataclass(frozen=True)
 class PairExample:
-    """``chosen`` should score above ``rejected`` by at least ``margin``."""
+    """``chosen`` should score above ``rejected`` by at least ``margin``.
 
-    prompt: str
+    The one example type for pairs: training, evaluation and the store all use it; the
+    metadata fields (source, domain, event id) feed the evaluator's slices.
+    """
+
+    prompt: str | Messages
     chosen: str
     rejected: str
     margin: float = 0.0
@@ -312,18 +320,21 @@ class PairExample:
 
 @dataclass(frozen=True)
 class RatingExample:
-    """A single judged response; ``target`` is 1.0 for good and 0.0 for bad."""
+    """A single judged response: ``label`` 1.0 = good, 0.0 = bad (soft values allowed)."""
 
-    prompt: str
+    prompt: str | Messages
     response: str
-    target: float
+    label: float
     weight: float = 1.0
     source: str = ""
     domain: str = ""
     event_id: str = ""
 
 
-def to_examples(event: Mapping[str, Any]) -> list[PairExample | RatingExample]:
+Example = PairExample | RatingExample
+
+
+def to_examples(event: Mapping[str, Any]) -> list[Example]:
     """Turn a validated event into training examples (DESIGN.md's table).
 
     A ranking of n responses becomes its n-1 adjacent pairs plus best-vs-worst:

@@ -32,9 +32,6 @@ ensure_fast_blas()
 
 from palate import artifacts  # noqa: E402
 from palate.base_model import BaseModel, load_base_model  # noqa: E402
-from palate.batching import Example  # noqa: E402
-from palate.batching import PairExample as TrainPair  # noqa: E402
-from palate.batching import RatingExample as TrainRating  # noqa: E402
 from palate.config import Config, load_config  # noqa: E402
 from palate.errors import PalateError  # noqa: E402
 from palate.evaluation import (  # noqa: E402
@@ -44,7 +41,7 @@ from palate.evaluation import (  # noqa: E402
     evaluate,
     load_probes,
 )
-from palate.events import PairExample, RatingExample, to_examples  # noqa: E402
+from palate.events import Example, PairExample, RatingExample, to_examples  # noqa: E402
 from palate.gate import Decision, GatePolicy, decide  # noqa: E402
 from palate.keys import KeyManager, zero  # noqa: E402
 from palate.paths import resolve  # noqa: E402
@@ -52,8 +49,6 @@ from palate.scoring import Scorer  # noqa: E402
 from palate.split import heldout_status, split_items, split_key  # noqa: E402
 from palate.store import Store  # noqa: E402
 from palate.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
-
-Labeled = PairExample | RatingExample
 
 #: Pairs scored per call: bounds memory, not results (scores are batch-invariant).
 SCORE_CHUNK = 64
@@ -69,17 +64,11 @@ def on_progress(e: ProgressEvent) -> None:
     say("progress", **asdict(e))
 
 
-def load_examples(store: Store) -> list[Labeled]:
-    out: list[Labeled] = []
+def load_examples(store: Store) -> list[Example]:
+    out: list[Example] = []
     for event in store.iter_events():
         out.extend(to_examples(event))
     return out
-
-
-def to_train(ex: Labeled) -> Example:
-    if isinstance(ex, PairExample):
-        return TrainPair(ex.prompt, ex.chosen, ex.rejected, ex.margin, ex.weight)
-    return TrainRating(ex.prompt, ex.response, ex.target, ex.weight)
 
 
 def score_heldout(
@@ -105,7 +94,7 @@ def score_heldout(
     rrs = [
         RatingRecord(
             float(scorer.raw_scores(r.prompt, [r.response])[0]),
-            r.target,
+            r.label,
             len(r.response),
             source=r.source,
             domain=r.domain,
@@ -198,7 +187,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         )
     tc = train_config(cfg)
     base = load_base_model(tc.base_model)
-    result = train_reward_model([to_train(e) for e in split.train], tc, on_progress, base=base)
+    result = train_reward_model(split.train, tc, on_progress, base=base)
 
     say("progress", phase="evaluate", step=0, total=len(held_pairs), message="judging")
     dep_metrics: Metrics | None = None
