@@ -14,6 +14,7 @@ so thresholds mean the same across retrains.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from palate.batching import (
     collate,
     split_batch,
 )
+from palate.cpu_forward import CpuEngine, cpu_engine_unsupported, default_threads
 from palate.reward_model import (
     Messages,
     RewardModel,
@@ -50,6 +52,7 @@ __all__ = [
     "batch_arrays",
     "group_rewards",
     "make_streams",
+    "use_cpu_engine",
 ]
 
 
@@ -87,27 +90,50 @@ def batch_arrays(b: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.a
     )
 
 
+def use_cpu_engine(model: RewardModel, wanted: bool = True) -> bool:
+    """Whether gradient-free passes of ``model`` should run on :class:`CpuEngine`: on the
+    CPU device, for architectures it implements (see palate.cpu_forward)."""
+    return (
+        wanted
+        and os.environ.get("PALATE_CPU_FORWARD", "1") != "0"
+        and mx.default_device() == mx.cpu
+        and cpu_engine_unsupported(model) is None
+    )
+
+
 def group_rewards(
     model: RewardModel,
     groups: Sequence[EncodedGroup],
     token_budget: int,
     streams: Sequence[Any],
     hidden: Sequence[tuple[np.ndarray, list[np.ndarray]]] | None = None,
+    engine: CpuEngine | None = None,
 ) -> list[np.ndarray]:
     """Rewards of every response of every group, in order (one array per group).
 
     With ``hidden`` (the frozen-prefix cache) only the blocks above ``model.split`` run.
+    With ``engine`` (a numpy snapshot of ``model``) the forward runs there instead of MLX.
     """
     start = model.split if hidden is not None else 0
     out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(groups)
     for index in bucket_batches(groups, token_budget):
-        shards = split_batch(index, groups, len(streams))
-        results = []
-        for shard, stream in zip(shards, streams, strict=False):
-            with mx.stream(stream):
-                r = model.forward_groups(*batch_arrays(collate(groups, shard, hidden)), start=start)
-            results.append((shard, r))
-        mx.eval([r for _, r in results])
+        if engine is not None:
+            b = collate(groups, index, hidden)
+            r_np = engine.forward_groups(
+                b.prompt, b.prompt_len, b.response, b.response_len, b.group, start=start
+            )
+            assert isinstance(r_np, np.ndarray)
+            results: list[tuple[list[int], Any]] = [(list(index), r_np)]
+        else:
+            results = []
+            shards = split_batch(index, groups, len(streams))
+            for shard, stream in zip(shards, streams, strict=False):
+                with mx.stream(stream):
+                    r = model.forward_groups(
+                        *batch_arrays(collate(groups, shard, hidden)), start=start
+                    )
+                results.append((shard, r))
+            mx.eval([r for _, r in results])
         for shard, r in results:
             vals = np.array(r, dtype=np.float32)
             pos = 0
@@ -141,6 +167,7 @@ class Scorer:
         calibration: Calibration | None = None,
         token_budget: int = 4096,
         n_streams: int = 1,
+        cpu_forward: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -150,6 +177,13 @@ class Scorer:
         if n_streams > 1:
             configure_cpu_threads(n_streams)
         self.streams = make_streams(n_streams)
+        #: On CPU, scoring runs on a numpy snapshot of the weights (several times faster
+        #: than MLX's CPU kernels); the model must not change after the Scorer is built.
+        self.engine: CpuEngine | None = (
+            CpuEngine(model, threads=default_threads())
+            if use_cpu_engine(model, cpu_forward)
+            else None
+        )
 
     def encode(
         self, prompt: str | Messages, responses: Sequence[str]
@@ -187,7 +221,9 @@ class Scorer:
             gs, sl = self.encode(prompt, responses)
             slots.append([(len(groups) + g, j) for g, j in sl])
             groups.extend(gs)
-        rewards = group_rewards(self.model, groups, self.token_budget, self.streams)
+        rewards = group_rewards(
+            self.model, groups, self.token_budget, self.streams, engine=self.engine
+        )
         out = []
         for sl in slots:
             raw = np.array([rewards[g][j] for g, j in sl], dtype=np.float32)

@@ -50,6 +50,7 @@ from palate.batching import (
     split_batch,
     split_key,
 )
+from palate.cpu_forward import CpuEngine, default_threads
 from palate.losses import LossInputs, preference_loss
 from palate.metrics import fit_temperature
 from palate.reward_model import LoraConfig, RewardModel, configure_cpu_threads
@@ -58,6 +59,7 @@ from palate.scoring import (
     batch_arrays,
     group_rewards,
     make_streams,
+    use_cpu_engine,
 )
 
 __all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train_reward_model"]
@@ -95,6 +97,9 @@ class TrainConfig:
     prefix_cache: bool = _f(True, "cache the frozen lower blocks' outputs once per example")
     cache_dtype: str = _f("float16", "storage dtype of the cache: float16 or float32")
     streams: int = _f(2, "parallel MLX streams (CPU cores to keep busy)")
+    cpu_forward: bool = _f(
+        True, "on CPU, run gradient-free passes (prefix cache, validation) in numpy (faster)"
+    )
     seed: int = _f(0, "seed for init and batch order; same seed, same model")
 
     def lora(self) -> LoraConfig:
@@ -162,29 +167,40 @@ def build_prefix_cache(
     streams: Sequence[Any],
     dtype: str = "float16",
     progress: Callable[[int, int, int], None] | None = None,
+    engine: CpuEngine | None = None,
 ) -> Hidden:
     """Outputs of the frozen blocks ``[0, model.split)`` for every group, unpadded.
 
     float16 halves memory (about 0.5 GB for 1.5k HH pairs); a batch whose activations
-    would overflow float16 is kept in float32.
+    would overflow float16 is kept in float32. With ``engine`` the blocks run in numpy.
     """
     np_dtype = np.float16 if dtype == "float16" else np.float32
     out: Hidden = [(np.zeros((0, 0), np.float32), [])] * len(groups)
     done = 0
     for index in bucket_batches(groups, token_budget):
-        shards = split_batch(index, groups, len(streams))
-        results = []
-        for shard, stream in zip(shards, streams, strict=False):
-            with mx.stream(stream):
-                hp, hr = model.forward_groups(
-                    *batch_arrays(collate(groups, shard)), start=0, end=model.split
-                )
-            results.append((shard, hp, hr))
-        mx.eval([(hp, hr) for _, hp, hr in results])
+        results: list[tuple[Any, Any, Any]] = []
+        if engine is not None:
+            b = collate(groups, index)
+            hidden = engine.forward_groups(
+                b.prompt, b.prompt_len, b.response, b.response_len, b.group, end=model.split
+            )
+            assert isinstance(hidden, tuple)
+            results.append((index, hidden[0], hidden[1]))
+        else:
+            for shard, stream in zip(
+                split_batch(index, groups, len(streams)), streams, strict=False
+            ):
+                with mx.stream(stream):
+                    hp, hr = model.forward_groups(
+                        *batch_arrays(collate(groups, shard)), start=0, end=model.split
+                    )
+                results.append((shard, hp, hr))
+            mx.eval([(hp, hr) for _, hp, hr in results])
         for shard, hp, hr in results:
-            peak = max(float(mx.abs(hp).max()), float(mx.abs(hr).max()))
+            hp_np, hr_np = np.asarray(hp), np.asarray(hr)
+            peak = max(float(np.abs(hp_np).max()), float(np.abs(hr_np).max()))
             store = np_dtype if peak < 60000 else np.float32
-            hp_np, hr_np = np.array(hp).astype(store), np.array(hr).astype(store)
+            hp_np, hr_np = hp_np.astype(store), hr_np.astype(store)
             row = 0
             for k, i in enumerate(shard):
                 g = groups[i]
@@ -220,7 +236,14 @@ def _evaluate(
     delta: float,
 ) -> tuple[float, float, list[np.ndarray]]:
     """(mean NLL, accuracy with ties wrong, rewards per group) over ``groups``."""
-    rewards = group_rewards(model, groups, config.batch_tokens, streams, hidden)
+    engine = None
+    if use_cpu_engine(model, config.cpu_forward):  # a snapshot of the current weights
+        engine = CpuEngine(model, threads=default_threads())
+    try:
+        rewards = group_rewards(model, groups, config.batch_tokens, streams, hidden, engine)
+    finally:
+        if engine is not None:
+            engine.close()
     nll, correct, count = 0.0, 0, 0
     for g, r in zip(groups, rewards, strict=True):
         if g.kind == "pair":
@@ -312,9 +335,16 @@ def train_reward_model(
                 )
             )
 
-        hidden = build_prefix_cache(
-            model, groups, config.batch_tokens, streams, config.cache_dtype, on_cache
-        )
+        engine = None
+        if use_cpu_engine(model, config.cpu_forward):
+            engine = CpuEngine(model, threads=default_threads())
+        try:
+            hidden = build_prefix_cache(
+                model, groups, config.batch_tokens, streams, config.cache_dtype, on_cache, engine
+            )
+        finally:
+            if engine is not None:
+                engine.close()
         start = model.split
     cache_s = time.monotonic() - t_cache
     train_h = hidden[: len(train_g)] if hidden is not None else None
