@@ -31,7 +31,7 @@ from .paths import Paths, ensure_private_dir, resolve
 from .scheduler import Scheduler, WriterState
 from .server import Server
 from .serving import ScoringService, store_loader
-from .store import Store
+from .store import Store, check_key
 from .supervisor import Supervisor
 from .writer import StoreWriter
 
@@ -123,6 +123,10 @@ def open_store(paths: Paths, config: Config) -> tuple[Store, KeyManager]:
     else:
         dek = keys.create()
     try:
+        if paths.db_file.exists():
+            # Every page, read-only, before the first write: damage anywhere is reported
+            # here, with the file exactly as it was (docs/security.md).
+            check_key(paths.db_file, dek, thorough=True)
         store = Store(paths.db_file, dek)
     finally:
         zero(dek)
@@ -184,6 +188,24 @@ class Daemon:
             memory_bytes=int(self.config.schedule.memory_gb * 2**30),
         )
         api.jobs = jobs
+        followers: set[asyncio.Task[None]] = set()
+
+        async def follow_registry() -> None:
+            # A child killed after its deploy committed (even while it was exiting) never
+            # reports it: serve what the registry says, not what the child managed to say.
+            version = await writer.call(lambda s: s.deployed_version())
+            loaded = serving.status()["version"]
+            if version is not None and loaded is not None and version != loaded:
+                log.warning("a training run deployed version %d without reporting it", version)
+                await api._deployed(version)
+
+        def after_run(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "job" and payload.get("outcome") != "done":
+                task = loop.create_task(follow_registry())
+                followers.add(task)
+                task.add_done_callback(followers.discard)
+
+        jobs.listeners.add(after_run)
         scheduler = Scheduler(self.config.schedule, jobs, WriterState(writer))
         await scheduler.start()
         api.scheduler = scheduler

@@ -17,12 +17,14 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgpack
 import sqlcipher3.dbapi2 as sqlite
@@ -119,13 +121,49 @@ class IngestGroup:
     cursor: Mapping[str, Any] | None = None
 
 
-def storage_error(e: BaseException, action: str) -> PalateError:
-    """Translate a SQLite failure into the documented error codes."""
+#: An I/O error while this little room is left (free space, or below the file-size limit)
+#: is the disk being full: see :func:`out_of_room`.
+FULL_MARGIN_BYTES = 1 << 20
+
+
+def out_of_room(path: Path) -> str | None:
+    """Why there is no room left for the database at ``path``, or None.
+
+    SQLite reports a failed write as SQLITE_FULL only when the OS said ENOSPC on a WAL or
+    database write; a failed extension of the ``-shm`` file on a full disk, or EFBIG (a
+    file-size limit, RLIMIT_FSIZE or the filesystem's own) come back as a generic
+    SQLITE_IOERR ("disk I/O error"). This tells those apart from a real I/O error.
+    """
+    try:
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < FULL_MARGIN_BYTES:
+            return f"less than {FULL_MARGIN_BYTES >> 20} MiB free on the disk of {path.parent}"
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                if os.stat(f"{path}{suffix}").st_size + FULL_MARGIN_BYTES > soft:
+                    return f"{path.name}{suffix} reached the file-size limit of {soft} bytes"
+    return None
+
+
+def storage_error(e: BaseException, action: str, path: Path | None = None) -> PalateError:
+    """Translate a SQLite failure into the documented error codes. With ``path`` (the
+    database), an I/O error on a disk without room left is reported as ``storage_full``."""
     code = getattr(e, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     if primary == SQLITE_FULL or (isinstance(e, OSError) and e.errno == 28):
         return PalateError(
             "storage_full", f"the disk is full; {action} was not done. Free some space and retry."
+        )
+    why = out_of_room(path) if primary == SQLITE_IOERR and path is not None else None
+    if why is not None:
+        return PalateError(
+            "storage_full",
+            f"out of disk space ({why}); {action} was not done. Free some space and retry.",
+            {"cause": str(e)},
         )
     if primary in (SQLITE_NOTADB, SQLITE_CORRUPT):
         return PalateError(
@@ -152,7 +190,7 @@ class Store:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             if isinstance(e, sqlite.Error):
-                raise storage_error(e, action) from e
+                raise storage_error(e, action, self.path) from e
             raise
 
     def __init__(self, path: Path, key: bytes | bytearray) -> None:
@@ -178,25 +216,32 @@ class Store:
         except sqlite.DatabaseError as e:
             conn.close()
             if existed:
-                raise storage_error(e, "opening the database") from e
+                raise storage_error(e, "opening the database", path) from e
             raise
-        for pragma in (
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA synchronous = FULL",
-            "PRAGMA temp_store = MEMORY",
-            "PRAGMA secure_delete = ON",
-            "PRAGMA foreign_keys = ON",
-            "PRAGMA busy_timeout = 5000",
-        ):
-            conn.execute(pragma).fetchall()
-        if sys.platform == "darwin":
-            # fsync on macOS does not flush the drive cache; F_FULLFSYNC does.
-            conn.execute("PRAGMA fullfsync = ON")
-            conn.execute("PRAGMA checkpoint_fullfsync = ON")
-        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            if p.exists():
-                os.chmod(p, 0o600)
-        Store._migrate(conn)
+        try:
+            for pragma in (
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                "PRAGMA temp_store = MEMORY",
+                "PRAGMA secure_delete = ON",
+                "PRAGMA foreign_keys = ON",
+                "PRAGMA busy_timeout = 5000",
+            ):
+                conn.execute(pragma).fetchall()
+            if sys.platform == "darwin":
+                # fsync on macOS does not flush the drive cache; F_FULLFSYNC does.
+                conn.execute("PRAGMA fullfsync = ON")
+                conn.execute("PRAGMA checkpoint_fullfsync = ON")
+            for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                if p.exists():
+                    os.chmod(p, 0o600)
+            Store._migrate(conn)
+        except sqlite.Error as e:  # e.g. a full disk while creating or migrating
+            conn.close()
+            raise storage_error(e, "opening the database", path) from e
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @staticmethod
@@ -225,7 +270,10 @@ class Store:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL does): a second ROLLBACK
+                # would fail and hide the real error.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             log.info("store migrated to schema %d (%s)", version, name)
 
@@ -244,7 +292,7 @@ class Store:
         try:
             c.execute("BEGIN IMMEDIATE")
         except sqlite.Error as e:
-            err = storage_error(e, "ingest")
+            err = storage_error(e, "ingest", self.path)
             return [err for _ in groups]
         try:
             for group in groups:
@@ -253,7 +301,7 @@ class Store:
                     try:
                         out.append(self._insert_group(group, now))
                     except sqlite.Error as e:
-                        out.append(storage_error(e, "ingest"))
+                        out.append(storage_error(e, "ingest", self.path))
                     continue
                 c.execute("SAVEPOINT g")
                 try:
@@ -262,10 +310,10 @@ class Store:
                 except sqlite.Error as e:
                     c.execute("ROLLBACK TO g")
                     c.execute("RELEASE g")
-                    out.append(storage_error(e, "ingest"))
+                    out.append(storage_error(e, "ingest", self.path))
             c.execute("COMMIT")
         except sqlite.Error as e:
-            err = storage_error(e, "ingest")
+            err = storage_error(e, "ingest", self.path)
             with contextlib.suppress(sqlite.Error):
                 c.execute("ROLLBACK")
             return [err for _ in groups]
@@ -367,7 +415,7 @@ class Store:
         except sqlite.Error as e:
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            raise storage_error(e, "forget") from e
+            raise storage_error(e, "forget", self.path) from e
         return n
 
     def checkpoint(self) -> None:
@@ -621,14 +669,32 @@ def export_jsonl(events: Iterator[Mapping[str, Any]], path: Path, *, overwrite: 
     return n
 
 
-def check_key(path: Path, key: bytes | bytearray) -> None:
-    """Raise ``key_error`` unless ``key`` opens the database at ``path`` (read-only probe)."""
-    conn = sqlite.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+def check_key(path: Path, key: bytes | bytearray, *, thorough: bool = False) -> None:
+    """Raise ``key_error`` unless ``key`` opens the database at ``path`` (read-only probe).
+
+    With ``thorough`` (the daemon, before it opens the store for writing) every page in use
+    is read too (``quick_check``: each page's HMAC and the b-tree structure), so damage past
+    page 1 is reported as ``storage_error`` before anything is written over it. Read-only
+    on purpose: a writable connection would fold a leftover WAL into the file on close.
+    """
+    conn = sqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True, check_same_thread=False)
     try:
         conn.execute("PRAGMA cipher_log_level = NONE")
         conn.execute(f"PRAGMA key = \"x'{bytes(key).hex()}'\"")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")] if thorough else []
     except sqlite.DatabaseError as e:
-        raise storage_error(e, "checking the key") from e
+        raise storage_error(
+            e, "opening the database" if thorough else "checking the key", path
+        ) from e
     finally:
         conn.close()
+    if problems and problems != ["ok"]:
+        lines = [ln for ln in problems[0].splitlines() if not ln.startswith("***")]
+        first = (lines or [problems[0]])[0]
+        raise PalateError(
+            "storage_error",
+            f"the database {path} is damaged ({first[:200]}); nothing was written to it. "
+            "Restore it from a backup, or move it aside to start an empty one (the key stays).",
+            {"problems": [p[:500] for p in problems]},
+        )

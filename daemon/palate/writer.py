@@ -141,7 +141,7 @@ class StoreWriter:
         try:
             item.future.set_result(item.fn(self.store))
         except sqlite.Error as e:
-            item.future.set_exception(storage_error(e, "reading the store"))
+            item.future.set_exception(storage_error(e, "reading the store", self.store.path))
         except BaseException as e:
             item.future.set_exception(e)
 
