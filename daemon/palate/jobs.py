@@ -120,7 +120,11 @@ class TrainingJobs:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
-                env=self.env,
+                # The run checks it still has this parent before it registers a model.
+                env={
+                    **(self.env if self.env is not None else os.environ),
+                    PARENT_ENV: str(os.getpid()),
+                },
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_lower_priority,
@@ -252,11 +256,21 @@ def resident_bytes(pid: int) -> int | None:
         return None
 
 
+#: Set for a training run to the daemon's pid (see train_job.parent_alive).
+PARENT_ENV = "PALATE_PARENT_PID"
+
+
 def _lower_priority() -> None:
     """In the child before exec: lower CPU (and, on Linux, I/O) priority."""
     with contextlib.suppress(OSError):
         os.nice(TRAIN_NICE)
     if sys.platform.startswith("linux"):
+        # prctl(PR_SET_PDEATHSIG, SIGKILL): if the daemon dies (even by kill -9), the kernel
+        # kills the run, so no orphan registers or deploys a model the daemon never judged.
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
         # ioprio_set(IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13); best effort.
         nr = {"x86_64": 251, "aarch64": 30}.get(os.uname().machine)
         if nr is not None:

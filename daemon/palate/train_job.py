@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -158,6 +159,19 @@ def train_config(cfg: Config) -> TrainConfig:
     return tc
 
 
+def parent_alive() -> bool:
+    """False when the daemon that started this run has died (the run was re-parented).
+
+    On Linux the kernel also kills the run with its daemon (PR_SET_PDEATHSIG, jobs.py);
+    this check covers the window before that took effect and macOS, which has no such
+    signal, so an orphan never registers or deploys a model its daemon did not see.
+    """
+    from palate.jobs import PARENT_ENV
+
+    expected = os.environ.get(PARENT_ENV)
+    return expected is None or os.getppid() == int(expected)
+
+
 def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> dict[str, Any]:
     paths = resolve()
     cfg = load_config(paths)
@@ -240,6 +254,10 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         "job": job,
     }
     state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]
+    if not parent_alive():
+        raise PalateError(
+            "unavailable", "the daemon that started this run is gone; nothing was registered"
+        )
     version = store.add_model(
         base_model=tc.base_model, meta=meta, artifact=artifacts.to_bytes(art), state=state
     )
