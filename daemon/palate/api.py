@@ -8,6 +8,7 @@ back. Parameter checking lives here so every transport enforces the same rules.
 from __future__ import annotations
 
 import contextvars
+import errno
 import math
 import os
 import time
@@ -63,7 +64,29 @@ def _param(
             f"parameter {name!r} has the wrong type ({type(value).__name__})",
             {"param": name},
         )
+    if isinstance(value, str) and not _utf8(value):
+        # Invalid UTF-8 arrives as lone surrogates; the store cannot bind them (and a
+        # failed bind inside a transaction would leave the store unusable).
+        raise PalateError(
+            "invalid_request", f"parameter {name!r} is not valid UTF-8", {"param": name}
+        )
     return value
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _version(params: Mapping[str, Any], *, required: bool = False) -> Any:
+    """A model version: an int; one outside SQLite's 64-bit range cannot exist."""
+    version = _param(params, "version", int, required=required)
+    if version is not None and not -(2**63) <= version < 2**63:
+        raise PalateError("not_found", f"no model version {version}")
+    return version
 
 
 def _no_extra(params: Mapping[str, Any], allowed: set[str]) -> None:
@@ -204,7 +227,11 @@ class Api:
             raise PalateError("invalid_request", "cursor needs a value")
         from .protocol import pack
 
-        if len(pack(obj["value"])) > MAX_CURSOR_BYTES:
+        try:
+            packed = pack(obj["value"])
+        except UnicodeEncodeError:
+            raise PalateError("invalid_request", "cursor value is not valid UTF-8") from None
+        if len(packed) > MAX_CURSOR_BYTES:
             raise PalateError("too_large", f"cursor value exceeds {MAX_CURSOR_BYTES} bytes")
         return {"adapter": adapter, "key": key, "value": obj["value"]}
 
@@ -258,8 +285,8 @@ class Api:
         """Delete events for real (see Store.forget). Needs an explicit selector."""
         _no_extra(params, {"ids", "source", "since", "until", "all"})
         ids = _param(params, "ids", (list, tuple))
-        if ids is not None and (not ids or not all(isinstance(i, str) for i in ids)):
-            raise PalateError("invalid_request", "ids must be a non-empty array of strings")
+        if ids is not None and (not ids or not all(isinstance(i, str) and _utf8(i) for i in ids)):
+            raise PalateError("invalid_request", "ids must be a non-empty array of (UTF-8) strings")
         source = _param(params, "source", str)
         since = _param(params, "since", (int, float))
         until = _param(params, "until", (int, float))
@@ -284,18 +311,30 @@ class Api:
     async def export(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Write every event as JSONL to an absolute path the user named."""
         _no_extra(params, {"path", "overwrite"})
-        path = Path(_param(params, "path", str, required=True)).expanduser()
+        raw = _param(params, "path", str, required=True)
+        if "\x00" in raw:
+            raise PalateError("invalid_request", "export path must not contain NUL")
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError:  # ~user of a user that does not exist
+            raise PalateError("not_found", f"cannot expand {raw[:200]!r}: no such user") from None
+        if path.is_absolute() and not path.name:
+            raise PalateError("invalid_request", "export path must name a file, got '/'")
         overwrite = bool(_param(params, "overwrite", bool))
-        n = await self.writer.call(
-            lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)
-        )
+        try:
+            n = await self.writer.call(
+                lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)
+            )
+        except OSError as e:  # from checking the path (writing maps its own errors)
+            code = "invalid_request" if e.errno == errno.ENAMETOOLONG else "storage_error"
+            raise PalateError(code, f"export to {str(path)[:200]} failed: {e.strerror}") from e
         return {"path": str(path), "count": n}
 
     # -- registry --------------------------------------------------------------------
     async def models(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """All versions (newest first) with their state and metrics, or one with ``version``."""
         _no_extra(params, {"version"})
-        version = _param(params, "version", int)
+        version = _version(params)
 
         def read(s: Store) -> dict[str, Any]:
             if version is not None:
@@ -313,7 +352,7 @@ class Api:
     async def deploy(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Deploy a version by hand. Anything the gate did not pass needs ``override``."""
         _no_extra(params, {"version", "override", "reason"})
-        version = _param(params, "version", int, required=True)
+        version = _version(params, required=True)
         override = bool(_param(params, "override", bool))
         reason = _param(params, "reason", str) or "deployed by the user"
 

@@ -48,8 +48,17 @@ class PalateError(Exception):
         self.details: dict[str, Any] = details or {}
 
     def to_wire(self) -> dict[str, Any]:
-        """The error as it travels on the socket: ``{code, message, details}``."""
-        return {"code": self.code, "message": self.message, "details": self.details}
+        """The error as it travels on the socket: ``{code, message, details}``.
+
+        Messages and details may echo pieces of the client's input, and input that was not
+        valid UTF-8 arrives as lone surrogates (the decoder's surrogateescape), which msgpack
+        cannot encode: those are sent as ``\\udcXX`` escapes instead.
+        """
+        return {
+            "code": self.code,
+            "message": _printable(self.message),
+            "details": _printable(self.details),
+        }
 
     @classmethod
     def from_wire(cls, obj: Any) -> PalateError:
@@ -68,3 +77,29 @@ class PalateError(Exception):
 
     def __repr__(self) -> str:
         return f"PalateError({self.code!r}, {self.message!r})"
+
+
+def _printable(obj: Any) -> Any:
+    """``obj`` with every str made UTF-8 encodable (lone surrogates backslash-escaped)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+        return obj
+    if isinstance(obj, dict):
+        return {_printable(k): _printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_printable(v) for v in obj]
+    return obj
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A client's value, short and safe to put in an error message: the repr of a scalar
+    (strings and bytes cut to ``limit``), the type name of a container. (A container's repr
+    can be megabytes long, and past ~1000 nested levels it raises RecursionError.)"""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)[:limit]
+    if isinstance(value, (str, bytes)):
+        return repr(value[:limit])
+    return type(value).__name__

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PalateError
+from .errors import PalateError, brief
 
 SCHEMA_VERSION = 1
 KINDS = ("pair", "rating", "edit", "ranking")
@@ -113,14 +113,14 @@ def validate_event(
     now = time.time() if now is None else now
     kind = obj.get("kind")
     if kind not in KINDS:
-        errs.add("kind", f"must be one of {', '.join(KINDS)}; got {kind!r}"[:200])
+        errs.add("kind", f"must be one of {', '.join(KINDS)}; got {brief(kind)}")
         raise _invalid(errs)
     allowed = _ALLOWED[kind]
     for key in obj:
         if key not in allowed:
             errs.add(str(key)[:64], f"is not a field of a {kind} event (schema v1)")
     if "v" in obj and obj["v"] != SCHEMA_VERSION:
-        errs.add("v", f"schema version {obj['v']!r} is not supported; this daemon speaks 1")
+        errs.add("v", f"schema version {brief(obj['v'])} is not supported; this daemon speaks 1")
 
     out: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": kind}
     source = obj.get("source")
@@ -181,7 +181,7 @@ def _kind_fields(kind: str, obj: Mapping[str, Any], out: dict[str, Any], errs: _
         elif has_label:
             label = obj["label"]
             if isinstance(label, bool) or label not in (1, -1):
-                errs.add("label", f"must be +1 or -1, got {label!r}"[:120])
+                errs.add("label", f"must be +1 or -1, got {brief(label)}")
             else:
                 out["label"] = int(label)
         else:

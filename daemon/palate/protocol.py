@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import PalateError
+from .errors import PalateError, brief
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 
@@ -106,7 +106,8 @@ def parse_message(obj: Any) -> Request:
         msgid = None
     else:
         raise PalateError(
-            "invalid_request", f"message type {kind!r} is not a request (0) or notification (2)"
+            "invalid_request",
+            f"message type {brief(kind)} is not a request (0) or notification (2)",
         )
     details = {} if msgid is None else {"msgid": msgid}
     if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_LEN:

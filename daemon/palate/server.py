@@ -33,6 +33,7 @@ READ_CHUNK = 64 * 1024
 CANCEL_ON_HANGUP = frozenset({"score", "rerank", "compare"})
 SOL_LOCAL = 0  # macOS
 LOCAL_PEERCRED = 0x001  # macOS
+LOCAL_PEERPID = 0x002  # macOS
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -48,6 +49,20 @@ def peer_uid(sock: socket.socket) -> int:
         _version, uid = struct.unpack_from("2I", data)
         return int(uid)
     raise OSError(f"peer credentials are not supported on {sys.platform}")
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process that connected, or -1 where it cannot be read."""
+    try:
+        if sys.platform.startswith("linux"):
+            so_peercred = getattr(socket, "SO_PEERCRED", 17)
+            data = sock.getsockopt(socket.SOL_SOCKET, so_peercred, struct.calcsize("3i"))
+            return int(struct.unpack("3i", data)[0])
+        if sys.platform == "darwin":
+            return int(sock.getsockopt(SOL_LOCAL, LOCAL_PEERPID))
+    except OSError:
+        pass
+    return -1
 
 
 async def graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -75,17 +90,39 @@ class Connection:
     """One client: its decoder, its in-flight requests and its write lock."""
 
     def __init__(
-        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        server: Server,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pid: int = -1,
     ) -> None:
         self.server = server
+        self.pid = pid  # the peer process, for the connection limit's fairness
         self.reader = reader
         self.writer = writer
         self.unpacker = protocol.make_unpacker()
+        # Finds where each message ends without building anything, so the decoder above only
+        # ever runs on complete messages. Decoding as bytes arrive would keep every object of
+        # an unfinished message alive (msgpack preallocates each declared array: a 3-byte
+        # array16 header holds 80 KB), and a message that never completes would keep it
+        # for ever: 1000 nested headers (3 KB sent) held 81 MB per connection.
+        self.scanner = protocol.make_unpacker()
         self.fed = 0  # bytes received on this connection
         self.msg_start = 0  # stream offset where the message being decoded began
         self.tasks: set[asyncio.Task[None]] = set()
         self.cancellable: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
+        self._last = 0.0  # loop time bytes last arrived
+        self._evicted = False
+        self._evict_reason = ""
+        self._task: asyncio.Task[Any] | None = None
+
+    def evict(self, reason: str) -> None:
+        """Close this connection to make room for another client (see Server._make_room)."""
+        self._evicted = True
+        self._evict_reason = reason
+        if self._task is not None:
+            self._task.cancel()
 
     async def send(self, data: bytes) -> None:
         async with self._write_lock:
@@ -99,7 +136,7 @@ class Connection:
         loop = asyncio.get_running_loop()
         self._last = loop.time()
         self._idle = False
-        me = asyncio.current_task()
+        me = self._task = asyncio.current_task()
 
         def watchdog() -> None:
             # A connection waiting on its own slow answer (a long forget) is not idle.
@@ -118,6 +155,11 @@ class Connection:
                 try:
                     data = await self.reader.read(READ_CHUNK)
                 except asyncio.CancelledError:
+                    if self._evicted:
+                        await self.send(
+                            protocol.connection_error(PalateError("busy", self._evict_reason))
+                        )
+                        return
                     if not self._idle:
                         raise
                     await self.send(
@@ -132,6 +174,7 @@ class Connection:
                 self.fed += len(data)
                 try:
                     self.unpacker.feed(data)
+                    self.scanner.feed(data)
                     # msgpack frees the decoded parts of a message as they arrive, so
                     # max_buffer_size alone does not bound one message: count its bytes.
                     if self.fed - self.msg_start > protocol.MAX_FRAME_BYTES:
@@ -154,9 +197,11 @@ class Connection:
         """Handle every complete message buffered so far. False: close the connection."""
         while True:
             try:
-                obj = next(self.unpacker)
-            except StopIteration:
-                return True
+                try:
+                    self.scanner.skip()
+                except msgpack.OutOfData:
+                    return True  # the next message is not complete yet
+                obj = self.unpacker.unpack()
             except msgpack.StackError:
                 await self._fatal("invalid_request", "message nested too deeply")
                 return False
@@ -211,10 +256,13 @@ class Connection:
         # Long-running methods (train with wait) stream progress back on this connection.
         NOTIFY.set(self._notify)
         try:
-            result = await self.server.api.dispatch(req.method, req.params)
-            payload = protocol.response(req.msgid, None, result)
-        except PalateError as e:
-            payload = protocol.response(req.msgid, e)
+            try:
+                result = await self.server.api.dispatch(req.method, req.params)
+                payload = protocol.response(req.msgid, None, result)
+            except PalateError as e:
+                # Inside the outer try: an error that cannot be encoded must still be
+                # answered (as internal), or the client would wait for ever.
+                payload = protocol.response(req.msgid, e)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -255,6 +303,7 @@ class Server:
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self.refused = 0
+        self.evicted = 0
 
     async def start(self) -> None:
         old = os.umask(0o077)
@@ -284,19 +333,50 @@ class Server:
                 PalateError("unauthorized", "this Palate daemon belongs to another user"),
             )
             return
-        if len(self.connections) >= protocol.MAX_CONNECTIONS:
+        pid = peer_pid(sock)
+        if len(self.connections) >= protocol.MAX_CONNECTIONS and not self._make_room(pid):
             await self._reject(
                 reader,
                 writer,
                 PalateError("busy", f"too many connections (limit {protocol.MAX_CONNECTIONS})"),
             )
             return
-        conn = Connection(self, reader, writer)
+        conn = Connection(self, reader, writer, pid)
         self.connections.add(conn)
         try:
             await conn.serve()
         finally:
             self.connections.discard(conn)
+
+    def _make_room(self, pid: int) -> bool:
+        """At the connection limit, one process must not lock every other one out (a leaky
+        plugin, a flooder). If another process holds more connections than the one
+        connecting, close that process's least recently active connection (idle ones first)
+        and let the new one in. A process that already holds the most is refused."""
+        by_pid: dict[int, list[Connection]] = {}
+        for c in self.connections:
+            if not c._evicted:
+                by_pid.setdefault(c.pid, []).append(c)
+        if not by_pid:
+            return False
+        hog = max(by_pid, key=lambda p: len(by_pid[p]))
+        if len(by_pid[hog]) <= len(by_pid.get(pid, [])) or hog == pid:
+            return False
+        victim = min(by_pid[hog], key=lambda c: (bool(c.tasks), c._last))
+        self.connections.discard(victim)
+        self.evicted += 1
+        log.info(
+            "connection limit: closing the least recently active of %d connections "
+            "held by pid %d to let pid %d in",
+            len(by_pid[hog]),
+            hog,
+            pid,
+        )
+        victim.evict(
+            f"too many connections (limit {protocol.MAX_CONNECTIONS}); this process holds "
+            f"{len(by_pid[hog])} of them, so its least recently active one was closed"
+        )
+        return True
 
     @staticmethod
     async def _reject(

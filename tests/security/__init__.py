@@ -1,0 +1,1 @@
+"""Security checks (docs/security.md): permissions, plaintext, key material, peers, floods."""
