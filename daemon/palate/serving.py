@@ -124,12 +124,11 @@ class ScoringService:
         """Queue one request and wait for (model used, palate.scoring.ScoreResult)."""
         loop = asyncio.get_running_loop()
         req = _Request(prompt, responses, time.monotonic() + timeout_s, loop, loop.create_future())
-        try:
-            self._q.put_nowait(req)
-        except queue.Full:
+        # When full, the slots of requests already answered (deadline, hang-up) are freed first.
+        if not (self._put(req) or (self._drop_cancelled() and self._put(req))):
             raise PalateError(
                 "busy", "the scorer is saturated; retry shortly", {"queued": self._q.maxsize}
-            ) from None
+            )
         try:
             return await asyncio.wait_for(asyncio.shield(req.future), timeout_s + 1.0)
         except (asyncio.CancelledError, asyncio.TimeoutError) as e:
@@ -137,6 +136,27 @@ class ScoringService:
             if isinstance(e, asyncio.TimeoutError):
                 raise PalateError("busy", f"no score within the {timeout_s:g} s deadline") from e
             raise
+
+    def _put(self, req: _Request) -> bool:
+        try:
+            self._q.put_nowait(req)
+        except queue.Full:
+            return False
+        return True
+
+    def _drop_cancelled(self) -> int:
+        """Remove queued requests whose caller was already answered (deadline passed, or it
+        hung up). Otherwise, while one long batch runs, they would hold every queue slot and
+        a live request would be refused although nothing live is waiting."""
+        q = self._q
+        with q.mutex:
+            keep = [r for r in q.queue if r is None or not r.cancelled.is_set()]
+            dropped = len(q.queue) - len(keep)
+            if dropped:
+                q.queue.clear()
+                q.queue.extend(keep)
+                q.not_full.notify(dropped)
+        return dropped
 
     # -- the MLX thread --------------------------------------------------------------
     def _run(self) -> None:
