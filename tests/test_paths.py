@@ -59,3 +59,29 @@ def test_private_dir_rules(tmp_path: Path) -> None:
         os.chown(foreign, 65534, 65534)
         with pytest.raises(PalateError, match="owned by uid 65534"):
             ensure_private_dir(foreign)
+
+
+def test_daemon_and_its_children_use_a_private_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLX loads cached kernels from $TMPDIR: it must never be the shared /tmp."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    p = resolve(tmp_path / "h")
+    p.use_private_tmp()
+    try:
+        assert os.environ["TMPDIR"] == str(p.tmp_dir)
+        assert tempfile.gettempdir() == str(p.tmp_dir)
+        assert p.tmp_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        tempfile.tempdir = None
+    home = tmp_path / "d"
+    home.mkdir()
+    d = DaemonProc(home, daemon_env(home)).start()
+    try:
+        tmp = d.paths.tmp_dir
+        assert tmp.is_dir() and tmp.stat().st_mode & 0o777 == 0o700
+    finally:
+        d.terminate()

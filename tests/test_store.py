@@ -206,3 +206,15 @@ def test_meta_values_and_watermark(store: Store) -> None:
     assert store.max_seq() == 0
     store.ingest([IngestGroup([ev(1), ev(2)])])
     assert store.max_seq() == 2
+
+
+def test_a_non_sqlite_error_mid_transaction_does_not_wedge_later_writes(store: Store) -> None:
+    bad = dict(ev(9))
+    bad["id"] = "e\ud800"  # a lone surrogate: binding it raises UnicodeEncodeError, not sqlite
+    with pytest.raises(UnicodeEncodeError):
+        store.ingest([IngestGroup([ev(1), bad])])
+    with pytest.raises(UnicodeEncodeError):
+        store.forget(ids=["x\ud800"])
+    (ok,) = store.ingest([IngestGroup([ev(2)])])
+    assert not isinstance(ok, PalateError)
+    assert {e["id"] for e in store.iter_events()} == {"e2"}

@@ -23,8 +23,10 @@ import ctypes
 import glob
 import itertools
 import os
+import queue
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,48 @@ _THREAD_SETTERS = (
     "openblas_set_num_threads64_",
     "openblas_set_num_threads",
 )
+
+
+class _Workers:
+    """Daemon worker threads shared by every engine in the process.
+
+    Not a ThreadPoolExecutor: Python joins its workers at exit, so a daemon told to stop
+    (SIGTERM) in the middle of a scoring batch would wait for the batch's matmuls. One
+    shared pool also means hot-swapping models never leaks threads.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._q: queue.SimpleQueue[tuple[Any, tuple[Any, ...], Future[Any]]] = queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._loop, name=f"palate-cpu-{i}", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller, which re-raises it
+                fut.set_exception(e)
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._q.put((fn, args, fut))
+        return fut
+
+
+_workers: _Workers | None = None
+_workers_lock = threading.Lock()
+
+
+def _shared_workers(n: int) -> _Workers:
+    global _workers
+    with _workers_lock:
+        if _workers is None or _workers.n < n:
+            _workers = _Workers(n)  # a smaller old pool just idles; this happens at most once
+        return _workers
 
 
 def default_threads() -> int:
@@ -222,7 +266,7 @@ class CpuEngine:
         self.threads = max(1, threads)
         if self.threads > 1:
             set_numpy_blas_threads(1)
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._pool = _shared_workers(self.threads) if self.threads > 1 else None
 
     # -- rope -----------------------------------------------------------------------------
     def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -410,8 +454,9 @@ class CpuEngine:
         return out.astype(np.float32)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        """Drop the weight snapshot (the worker threads are shared and stay)."""
+        self.blocks = []
+        self._pool = None
 
 
 def _shards(

@@ -248,6 +248,7 @@ def run_daemon(home: Path | None = None, *, log_level: str | None = None) -> Non
     os.umask(0o077)
     paths = resolve(home)
     paths.ensure()
+    paths.use_private_tmp()
     config = load_config(paths)
     setup_logging(paths, log_level or config.log_level)
     lock = DaemonLock(paths.lock_file)

@@ -37,11 +37,30 @@ class Paths:
     run_dir: Path
     socket: Path
     lock_file: Path
+    #: The daemon's and training runs' TMPDIR. Private because MLX caches compiled CPU
+    #: kernels as shared libraries under $TMPDIR and loads existing ones: in a shared
+    #: /tmp another user could plant one first.
+    tmp_dir: Path
 
     def ensure(self) -> None:
         """Create the private directories (0700), refusing unsafe existing ones."""
-        for d in (self.home, self.data_dir, self.log_dir, self.run_dir, self.socket.parent):
+        for d in (
+            self.home,
+            self.data_dir,
+            self.log_dir,
+            self.run_dir,
+            self.socket.parent,
+            self.tmp_dir,
+        ):
             ensure_private_dir(d)
+
+    def use_private_tmp(self) -> None:
+        """Point this process (and the children it starts) at :attr:`tmp_dir`."""
+        import tempfile
+
+        ensure_private_dir(self.tmp_dir)
+        os.environ["TMPDIR"] = str(self.tmp_dir)
+        tempfile.tempdir = None  # re-read TMPDIR on next use
 
 
 def default_home() -> Path:
@@ -71,6 +90,7 @@ def resolve(home: Path | None = None) -> Paths:
         run_dir=run,
         socket=socket_path(run),
         lock_file=run / "daemon.lock",
+        tmp_dir=home / "tmp",
     )
 
 

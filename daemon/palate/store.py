@@ -317,6 +317,13 @@ class Store:
             with contextlib.suppress(sqlite.Error):
                 c.execute("ROLLBACK")
             return [err for _ in groups]
+        except BaseException:
+            # Anything else (a bug, a bad value) must not leave the transaction open: every
+            # later write on this connection would fail until a restart.
+            with contextlib.suppress(sqlite.Error):
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+            raise
         return out
 
     def _insert_group(self, group: IngestGroup, now: float) -> list[IngestResult]:
@@ -412,10 +419,12 @@ class Store:
             # empties the WAL, which may still hold pre-delete page images.
             c.execute("VACUUM")
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite.Error as e:
+        except BaseException as e:
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            raise storage_error(e, "forget", self.path) from e
+            if isinstance(e, sqlite.Error):
+                raise storage_error(e, "forget", self.path) from e
+            raise
         return n
 
     def checkpoint(self) -> None:

@@ -174,6 +174,7 @@ def parent_alive() -> bool:
 
 def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> dict[str, Any]:
     paths = resolve()
+    paths.use_private_tmp()  # normally inherited from the daemon; never the shared /tmp
     cfg = load_config(paths)
     dek = KeyManager.for_home(paths).unwrap()
     try:
