@@ -194,6 +194,11 @@ def _load(model_dir: str) -> Any:
 @click.option(
     "--streams", type=int, default=TrainConfig.streams, show_default=True, help=_HELP["streams"]
 )
+@click.option(
+    "--no-cpu-forward",
+    is_flag=True,
+    help="Keep the cache pass and validation in MLX instead of the faster numpy forward.",
+)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True, help=_HELP["seed"])
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 def train_command(
@@ -215,6 +220,7 @@ def train_command(
     patience: int,
     no_prefix_cache: bool,
     streams: int,
+    no_cpu_forward: bool,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -259,6 +265,7 @@ def train_command(
         patience=patience,
         prefix_cache=not no_prefix_cache,
         streams=streams,
+        cpu_forward=not no_cpu_forward,
         seed=seed,
     )
     from palate.artifacts import artifact_from_model, build_config, save_dir
