@@ -4,9 +4,10 @@ Rows, all in one run on the same HH pairs (each pair = prompt+chosen and prompt+
 
 - anchor: plain mlx-lm forward of the concatenated sequences (``model.model(tokens)``) +
   head, i.e. what a naive MLX reward model does (right-padded batch, one pass per row);
-- palate Scorer, 1 stream: prompt-grouped forward (prompt once per pair) and the final block
-  at the pooled position only;
-- palate Scorer, 2 streams: the same, split over two CPU streams;
+- palate Scorer, numpy CPU forward (the default on a CPU): prompt-grouped forward (prompt
+  once per pair), the final block at the pooled position only, in numpy (palate.cpu_forward)
+  with its batch split over the cores;
+- palate Scorer, MLX forward, 1 or 2 streams: the same grouped forward in MLX;
 - with ``--no-openblas-child``: skip re-running the anchor in a child with PALATE_OPENBLAS=0
   (MLX's bundled reference BLAS), which is slow, so it uses a quarter of the pairs.
 
@@ -93,14 +94,23 @@ def main() -> None:
         rows = [json.loads(next(fh)) for _ in range(args.pairs)]
     items = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     results = {"mlx-lm plain forward + head (anchor)": anchor}
-    for streams in (1, 2):
+    runs = [("palate Scorer, numpy CPU forward (default)", 1, True)]
+    runs += [(f"palate Scorer, MLX forward, {n} stream(s)", n, False) for n in (1, 2)]
+    for name, streams, cpu_forward in runs:
         rm = RewardModel(base.model, LoraConfig(layers=4), seed=0)
         configure_cpu_threads(streams)
-        sc = Scorer(rm, base.tokenizer, args.max_tokens, token_budget=4096, n_streams=streams)
+        sc = Scorer(
+            rm,
+            base.tokenizer,
+            args.max_tokens,
+            token_budget=4096,
+            n_streams=streams,
+            cpu_forward=cpu_forward,
+        )
         sc.score_pairs(items[:2])  # warm-up
         t = time.perf_counter()
         sc.score_pairs(items)
-        results[f"palate Scorer, {streams} stream(s)"] = n_tok / (time.perf_counter() - t)
+        results[name] = n_tok / (time.perf_counter() - t)
     if args.torch_python:
         from palate.base_model import locate_builtin
 

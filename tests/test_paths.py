@@ -67,6 +67,7 @@ def test_daemon_and_its_children_use_a_private_tmpdir(
     """MLX loads cached kernels from $TMPDIR: it must never be the shared /tmp."""
     import tempfile
 
+    monkeypatch.delenv("PALATE_USER_TMPDIR", raising=False)
     monkeypatch.setenv("TMPDIR", "/tmp")
     monkeypatch.setattr(tempfile, "tempdir", None)
     p = resolve(tmp_path / "h")
@@ -85,3 +86,22 @@ def test_daemon_and_its_children_use_a_private_tmpdir(
         assert tmp.is_dir() and tmp.stat().st_mode & 0o777 == 0o700
     finally:
         d.terminate()
+
+
+def test_children_of_the_daemon_find_the_same_short_socket_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter inherits the daemon's private TMPDIR; the socket fallback must not move."""
+    import tempfile
+
+    monkeypatch.delenv("PALATE_USER_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    before = resolve(deep).socket
+    try:
+        resolve(deep).use_private_tmp()
+        assert tempfile.gettempdir() != "/tmp"
+        assert resolve(deep).socket == before
+    finally:
+        tempfile.tempdir = None

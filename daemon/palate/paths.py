@@ -59,8 +59,15 @@ class Paths:
         import tempfile
 
         ensure_private_dir(self.tmp_dir)
+        # Children (adapters, training runs) must still find the socket where clients do:
+        # the socket's short fallback path is derived from the user's temp dir, not ours.
+        os.environ.setdefault(_USER_TMP_ENV, tempfile.gettempdir())
         os.environ["TMPDIR"] = str(self.tmp_dir)
         tempfile.tempdir = None  # re-read TMPDIR on next use
+
+
+#: The temp dir the daemon was started with, kept for its children (see use_private_tmp).
+_USER_TMP_ENV = "PALATE_USER_TMPDIR"
 
 
 def default_home() -> Path:
@@ -116,7 +123,8 @@ def socket_path(run_dir: Path) -> Path:
     if len(os.fsencode(str(p))) <= MAX_SOCKET_PATH:
         return p
     digest = hashlib.sha256(os.fsencode(str(run_dir))).hexdigest()[:16]
-    short_root = Path(tempfile.gettempdir()) / f"palate-{os.getuid()}"
+    user_tmp = os.environ.get(_USER_TMP_ENV) or tempfile.gettempdir()
+    short_root = Path(user_tmp) / f"palate-{os.getuid()}"
     if len(os.fsencode(str(short_root))) > MAX_SOCKET_PATH - 24:
         short_root = Path("/tmp") / f"palate-{os.getuid()}"
     return short_root / f"{digest}.sock"
