@@ -132,3 +132,16 @@ def test_real_embedded_model_few_steps_reduce_loss() -> None:
     losses = [h["train_loss"] for h in res.history if "train_loss" in h]
     assert losses[-1] < losses[0]
     mx.eval(res.model.parameters())
+
+
+def test_small_data_gets_at_least_min_steps() -> None:
+    """One pass over a handful of pairs is a few steps: min_steps adds passes."""
+    cfg = TrainConfig(epochs=1, min_steps=12, val_fraction=0, **FAST)
+    res = train_reward_model(marker_pairs(30), cfg, base=tiny_base())
+    assert res.metrics["steps"] >= 12 and res.metrics["epochs"] > 1
+    few = train_reward_model(
+        marker_pairs(30),
+        TrainConfig(epochs=1, min_steps=0, val_fraction=0, **FAST),
+        base=tiny_base(),
+    )
+    assert few.metrics["steps"] < 12 and few.metrics["epochs"] == 1

@@ -189,6 +189,13 @@ def _load(model_dir: str) -> Any:
     "--patience", type=int, default=TrainConfig.patience, show_default=True, help=_HELP["patience"]
 )
 @click.option(
+    "--min-steps",
+    type=int,
+    default=TrainConfig.min_steps,
+    show_default=True,
+    help=_HELP["min_steps"],
+)
+@click.option(
     "--no-prefix-cache", is_flag=True, help="Run the full model every step (slower; for checks)."
 )
 @click.option(
@@ -218,6 +225,7 @@ def train_command(
     val_fraction: float,
     eval_every: int,
     patience: int,
+    min_steps: int,
     no_prefix_cache: bool,
     streams: int,
     no_cpu_forward: bool,
@@ -263,6 +271,7 @@ def train_command(
         val_fraction=val_fraction,
         eval_every=eval_every,
         patience=patience,
+        min_steps=min_steps,
         prefix_cache=not no_prefix_cache,
         streams=streams,
         cpu_forward=not no_cpu_forward,

@@ -81,7 +81,10 @@ class TrainConfig:
     lora_layers: int = _f(4, "top blocks that get LoRA; the blocks below are frozen and cached")
     lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps the cached path exact)")
     max_tokens: int = _f(384, "max tokens of prompt+response; the prompt is cut from the left")
-    epochs: int = _f(2, "passes over the training data")
+    # 1: on HH data the validation loss was best at the end of epoch 1 and only rose in
+    # epoch 2 (docs/benchmarks.md, Quality), so a second pass cost time for nothing.
+    epochs: int = _f(1, "passes over the training data")
+    min_steps: int = _f(50, "at least this many optimizer steps (extra passes over small data)")
     lr: float = _f(5e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_steps: int = _f(10, "linear warmup steps before cosine decay")
@@ -353,7 +356,10 @@ def train_reward_model(
     rng = np.random.default_rng(config.seed)
     n_batches = len(bucket_batches(train_g, config.batch_tokens))
     steps_per_epoch = math.ceil(n_batches / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
+    # Small data sets (a user's first weeks of feedback) get more passes: one pass over 100
+    # pairs is ~7 steps, shorter than the warmup. Early stopping still guards against overfit.
+    epochs = max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
+    total_steps = steps_per_epoch * epochs
     optimizer = optim.AdamW(
         learning_rate=_schedule(config, total_steps), weight_decay=config.weight_decay
     )
@@ -399,7 +405,7 @@ def train_reward_model(
 
     accum: Any = None
     pending = 0
-    for _epoch in range(config.epochs):
+    for _epoch in range(epochs):
         batches = bucket_batches(train_g, config.batch_tokens, rng)
         for b_i, index in enumerate(batches):
             shards = split_batch(index, train_g, len(streams))
@@ -491,7 +497,7 @@ def train_reward_model(
     metrics = {
         "steps": step,
         "total_steps": total_steps,
-        "epochs": config.epochs,
+        "epochs": epochs,
         "stopped_early": stopped_early,
         "best_step": best[1] if best else step,
         "val_loss": best[0] if best else None,
