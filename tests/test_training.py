@@ -25,7 +25,8 @@ from palate.training import (  # noqa: E402
 )
 from tiny_lm import marker_pairs, tiny_base  # noqa: E402
 
-FAST = dict(lora_layers=2, lr=3e-3, batch_tokens=1024, max_tokens=64, eval_every=10)
+# min_steps=0: these tests count steps and passes exactly.
+FAST = dict(lora_layers=2, lr=3e-3, batch_tokens=1024, max_tokens=64, eval_every=10, min_steps=0)
 
 
 def test_learns_marker_preference_to_95_percent_heldout() -> None:
@@ -136,12 +137,12 @@ def test_real_embedded_model_few_steps_reduce_loss() -> None:
 
 def test_small_data_gets_at_least_min_steps() -> None:
     """One pass over a handful of pairs is a few steps: min_steps adds passes."""
-    cfg = TrainConfig(epochs=1, min_steps=12, val_fraction=0, **FAST)
+    cfg = TrainConfig(epochs=1, val_fraction=0, **dict(FAST, min_steps=12))
     res = train_reward_model(marker_pairs(30), cfg, base=tiny_base())
     assert res.metrics["steps"] >= 12 and res.metrics["epochs"] > 1
     few = train_reward_model(
         marker_pairs(30),
-        TrainConfig(epochs=1, min_steps=0, val_fraction=0, **FAST),
+        TrainConfig(epochs=1, val_fraction=0, **FAST),
         base=tiny_base(),
     )
     assert few.metrics["steps"] < 12 and few.metrics["epochs"] == 1
