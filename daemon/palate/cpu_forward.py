@@ -269,13 +269,18 @@ class CpuEngine:
         self._pool = _shared_workers(self.threads) if self.threads > 1 else None
 
     # -- rope -----------------------------------------------------------------------------
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Rotate (B, L, H, hd) by positions (B, L), as ``mlx.nn.RoPE`` does."""
+    def _angles(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin (B, L, 1, d/2) of positions (B, L); computed once per forward, since
+        every block rotates the same positions."""
         d = self.rope_dims
         inv = self.rope_base ** (-np.arange(0, d, 2, dtype=np.float32) / d)
         ang = (pos.astype(np.float32) * self.rope_scale)[..., None] * inv  # (B, L, d/2)
-        cos = np.cos(ang)[:, :, None, :]
-        sin = np.sin(ang)[:, :, None, :]
+        return np.cos(ang)[:, :, None, :], np.sin(ang)[:, :, None, :]
+
+    def _rope(self, x: np.ndarray, cs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Rotate (B, L, H, hd) by precomputed angles, as ``mlx.nn.RoPE`` does."""
+        d = self.rope_dims
+        cos, sin = cs
         out = x.copy()
         if self.rope_traditional:
             x1, x2 = x[..., 0:d:2], x[..., 1:d:2]
@@ -289,14 +294,14 @@ class CpuEngine:
         return out
 
     def _qkv(
-        self, b: _Block, x: np.ndarray, pos: np.ndarray
+        self, b: _Block, x: np.ndarray, cs: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         B, L, _ = x.shape
         hd = self.head_dim
         q = _gemm(x, b.wq, b.bq).reshape(B, L, self.n_heads, hd)
         k = _gemm(x, b.wk, b.bk).reshape(B, L, self.n_kv_heads, hd)
         v = _gemm(x, b.wv, b.bv).reshape(B, L, self.n_kv_heads, hd)
-        return self._rope(q, pos), self._rope(k, pos), v
+        return self._rope(q, cs), self._rope(k, cs), v
 
     # -- attention ----------------------------------------------------------------------
     def _attend(
@@ -394,8 +399,8 @@ class CpuEngine:
         hr = np.ascontiguousarray(hr, dtype=np.float32)
         G = hp.shape[0]
         lp = prompt_len[group].astype(np.int64)  # (S,)
-        pos_p = np.broadcast_to(np.arange(Lp), (G, Lp))
-        pos_r = lp[:, None] + np.arange(Lr)[None, :]
+        cs_p = self._angles(np.broadcast_to(np.arange(Lp), (G, Lp)))
+        cs_r = self._angles(lp[:, None] + np.arange(Lr)[None, :])
         mask_p = np.where(np.tri(Lp, dtype=bool), np.float32(0), _NEG).astype(np.float32)
         cols = np.arange(Lp + Lr)
         allowed = np.where(
@@ -407,14 +412,13 @@ class CpuEngine:
         for i in range(start, end):
             b = self.blocks[i]
             xp, xr = _rms(hp, b.ln1, b.eps1), _rms(hr, b.ln1, b.eps1)
-            qp, kp, vp = self._qkv(b, xp, pos_p)
+            qp, kp, vp = self._qkv(b, xp, cs_p)
             kp_t = np.ascontiguousarray(kp.transpose(0, 2, 3, 1))  # (G, Hkv, hd, Lp)
             vp_t = np.ascontiguousarray(vp.transpose(0, 2, 1, 3))  # (G, Hkv, Lp, hd)
             if i == self.num_layers - 1:
-                return self._last(b, hr, xr, kp_t, vp_t, lp, response_len, group, mask_r)
-            qr, kr, vr = self._qkv(b, xr, pos_r)
-            keys_t = np.concatenate([kp_t[group], kr.transpose(0, 2, 3, 1)], axis=3)
-            values = np.concatenate([vp_t[group], vr.transpose(0, 2, 1, 3)], axis=2)
+                return self._last(b, hr, xr, kp_t, vp_t, cs_r, response_len, group, mask_r)
+            qr, kr, vr = self._qkv(b, xr, cs_r)
+            keys_t, values = _response_kv(kp_t, vp_t, kr, vr, group)
             op = self._attend(qp, kp_t, vp_t, mask_p)
             orr = self._attend(qr, keys_t, values, mask_r)
             hp = self._mlp(b, hp + _gemm(op, b.wo))
@@ -428,7 +432,7 @@ class CpuEngine:
         xr: np.ndarray,
         kp_t: np.ndarray,
         vp_t: np.ndarray,
-        lp: np.ndarray,
+        cs_r: tuple[np.ndarray, np.ndarray],
         response_len: np.ndarray,
         group: np.ndarray,
         mask_r: np.ndarray,
@@ -436,17 +440,15 @@ class CpuEngine:
         """Final block at each response's last token only, then norm and head."""
         S, Lr, _ = hr.shape
         hd = self.head_dim
-        pos_r = lp[:, None] + np.arange(Lr)[None, :]
-        kr = self._rope(_gemm(xr, b.wk, b.bk).reshape(S, Lr, self.n_kv_heads, hd), pos_r)
+        kr = self._rope(_gemm(xr, b.wk, b.bk).reshape(S, Lr, self.n_kv_heads, hd), cs_r)
         vr = _gemm(xr, b.wv, b.bv).reshape(S, Lr, self.n_kv_heads, hd)
         last = response_len.astype(np.int64) - 1
         rows = np.arange(S)
         h_last = hr[rows, last][:, None]  # (S, 1, D)
         x_last = xr[rows, last][:, None]
         q = _gemm(x_last, b.wq, b.bq).reshape(S, 1, self.n_heads, hd)
-        q = self._rope(q, (lp + last)[:, None])
-        keys_t = np.concatenate([kp_t[group], kr.transpose(0, 2, 3, 1)], axis=3)
-        values = np.concatenate([vp_t[group], vr.transpose(0, 2, 1, 3)], axis=2)
+        q = self._rope(q, (cs_r[0][rows, last][:, None], cs_r[1][rows, last][:, None]))
+        keys_t, values = _response_kv(kp_t, vp_t, kr, vr, group)
         row_mask = mask_r[rows, :, :, last][:, :, :, None]  # (S, 1, 1, 1, Lk)
         o = self._attend(q, keys_t, values, row_mask)
         h = self._mlp(b, h_last + _gemm(o, b.wo))[:, 0]  # (S, D)
@@ -457,6 +459,16 @@ class CpuEngine:
         """Drop the weight snapshot (the worker threads are shared and stay)."""
         self.blocks = []
         self._pool = None
+
+
+def _response_kv(
+    kp_t: np.ndarray, vp_t: np.ndarray, kr: np.ndarray, vr: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keys (S, Hkv, hd, Lp+Lr) and values (S, Hkv, Lp+Lr, hd) a response attends to: its
+    prompt's (shared by every response of that prompt), then its own."""
+    keys_t = np.concatenate([kp_t[group], kr.transpose(0, 2, 3, 1)], axis=3)
+    values = np.concatenate([vp_t[group], vr.transpose(0, 2, 1, 3)], axis=2)
+    return keys_t, values
 
 
 def _shards(
