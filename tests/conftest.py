@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,31 +76,49 @@ def _reap_daemons() -> Iterator[None]:
 
 
 class DaemonProc:
-    """A real ``palate daemon`` child process and helpers to talk to it."""
+    """A real ``palate daemon`` child process and helpers to talk to it.
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    ``preexec_fn`` runs in the child before exec (the fault tests set rlimits there);
+    :meth:`spawn` starts it without waiting for the socket (to kill it during start-up).
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        env: dict[str, str],
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.home = home
         self.env = env
+        self.preexec_fn = preexec_fn
         self.paths = resolve(home)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "daemon-stderr.log"
 
-    def start(self, timeout: float = 20.0) -> DaemonProc:
-        self._log_fh = open(self.log, "ab")  # noqa: SIM115
+    def spawn(self) -> subprocess.Popen[bytes]:
+        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed by kill9/terminate
         self.proc = subprocess.Popen(
-            [*PALATE, "daemon"], env=self.env, stdout=self._log_fh, stderr=self._log_fh
+            [*PALATE, "daemon"],
+            env=self.env,
+            stdout=self._log_fh,
+            stderr=self._log_fh,
+            preexec_fn=self.preexec_fn,
         )
-        _STARTED.append(self)
+        _STARTED.append(self)  # reaped if the test fails
+        return self.proc
+
+    def start(self, timeout: float = 20.0) -> DaemonProc:
+        proc = self.spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {proc.returncode}: {self.log.read_text()}")
             try:
                 with Client(socket_path=self.paths.socket, timeout=5) as c:
                     c.hello()
                 return self
             except PalateError:
-                time.sleep(0.05)
+                time.sleep(0.02)
         raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
 
     def client(self, **kw: Any) -> Client:
@@ -134,6 +152,42 @@ class DaemonProc:
             timeout=120,
             check=check,
         )
+
+
+@contextlib.contextmanager
+def module_daemon(prefix: str) -> Iterator[DaemonProc]:
+    """A daemon in its own temp home shared by a module's tests (not reaped after each)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d = DaemonProc(home, daemon_env(home)).start()
+    _STARTED.remove(d)
+    try:
+        yield d
+    finally:
+        if d.alive():
+            d.terminate()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_for(what: Callable[[], Any], timeout: float, message: str, every: float = 0.02) -> Any:
+    """Poll real process state until ``what()`` is truthy; never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return True
 
 
 @pytest.fixture

@@ -17,13 +17,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -31,8 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import conftest
-from conftest import REPO, DaemonProc, daemon_env
+from conftest import REPO, DaemonProc, module_daemon
 from palate import protocol
 from palate.errors import ERROR_CODES, PalateError
 
@@ -110,16 +106,9 @@ class Wire:
 @pytest.fixture(scope="module")
 def wire_daemon() -> Iterator[DaemonProc]:
     """One daemon for every example of this module (started once: examples are cheap)."""
-    home = Path(tempfile.mkdtemp(prefix="pw-", dir="/tmp"))
-    d = DaemonProc(home, daemon_env(home)).start()
-    conftest._STARTED.remove(d)  # not reaped after each test: this module owns it
-    (home / "exports").mkdir(mode=0o700)
-    try:
+    with module_daemon("pw-") as d:
+        (d.home / "exports").mkdir(mode=0o700)
         yield d
-    finally:
-        if d.alive():
-            d.terminate()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,23 +63,24 @@ def test_private_dir_rules(tmp_path: Path) -> None:
             ensure_private_dir(foreign)
 
 
-def test_daemon_and_its_children_use_a_private_tmpdir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """MLX loads cached kernels from $TMPDIR: it must never be the shared /tmp."""
-    import tempfile
-
+@pytest.fixture
+def shared_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process starts with TMPDIR=/tmp; whatever use_private_tmp changes is undone."""
     monkeypatch.delenv("PALATE_USER_TMPDIR", raising=False)
     monkeypatch.setenv("TMPDIR", "/tmp")
     monkeypatch.setattr(tempfile, "tempdir", None)
+    yield
+    tempfile.tempdir = None
+
+
+@pytest.mark.usefixtures("shared_tmp")
+def test_daemon_and_its_children_use_a_private_tmpdir(tmp_path: Path) -> None:
+    """MLX loads cached kernels from $TMPDIR: it must never be the shared /tmp."""
     p = resolve(tmp_path / "h")
     p.use_private_tmp()
-    try:
-        assert os.environ["TMPDIR"] == str(p.tmp_dir)
-        assert tempfile.gettempdir() == str(p.tmp_dir)
-        assert p.tmp_dir.stat().st_mode & 0o777 == 0o700
-    finally:
-        tempfile.tempdir = None
+    assert os.environ["TMPDIR"] == str(p.tmp_dir)
+    assert tempfile.gettempdir() == str(p.tmp_dir)
+    assert p.tmp_dir.stat().st_mode & 0o777 == 0o700
     home = tmp_path / "d"
     home.mkdir()
     d = DaemonProc(home, daemon_env(home)).start()
@@ -88,20 +91,11 @@ def test_daemon_and_its_children_use_a_private_tmpdir(
         d.terminate()
 
 
-def test_children_of_the_daemon_find_the_same_short_socket_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("shared_tmp")
+def test_children_of_the_daemon_find_the_same_short_socket_path(tmp_path: Path) -> None:
     """An adapter inherits the daemon's private TMPDIR; the socket fallback must not move."""
-    import tempfile
-
-    monkeypatch.delenv("PALATE_USER_TMPDIR", raising=False)
-    monkeypatch.setenv("TMPDIR", "/tmp")
-    monkeypatch.setattr(tempfile, "tempdir", None)
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     before = resolve(deep).socket
-    try:
-        resolve(deep).use_private_tmp()
-        assert tempfile.gettempdir() != "/tmp"
-        assert resolve(deep).socket == before
-    finally:
-        tempfile.tempdir = None
+    resolve(deep).use_private_tmp()
+    assert tempfile.gettempdir() != "/tmp"
+    assert resolve(deep).socket == before

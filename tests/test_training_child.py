@@ -9,18 +9,16 @@ every acknowledged event still stored.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import DaemonProc, daemon_env
+from conftest import DaemonProc, daemon_env, pid_alive, wait_for
 from palate.errors import PalateError
 
 pytestmark = pytest.mark.slow
@@ -57,28 +55,6 @@ def tiny_home(home: Path) -> tuple[Path, Path]:
     gguf = tiny_gguf.write_gguf(home / "tiny.gguf", tiny_gguf.tiny_model(args), args)
     write_config(home, gguf, epochs=2)
     return home, gguf
-
-
-def wait_for(what: Callable[[], Any], timeout: float, message: str) -> Any:
-    """Poll a real process's state; never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out: {message}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) counts as gone
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return True
 
 
 def registry(d: DaemonProc) -> tuple[list[tuple[int, str]], int | None]:
@@ -164,7 +140,7 @@ def test_sigterm_during_a_run_exits_zero_and_stops_the_child(
         "no training child",
     )
     assert d.terminate(timeout=STOP_BUDGET_S) == 0
-    wait_for(lambda: not alive(child["pid"]), 5, "the training child outlived the daemon")
+    wait_for(lambda: not pid_alive(child["pid"]), 5, "the training child outlived the daemon")
     d2 = DaemonProc(home, daemon_env(home)).start()
     assert registry(d2) == ([], None)
     assert d2.terminate() == 0

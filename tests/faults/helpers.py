@@ -4,21 +4,16 @@ fingerprints, and the random source with its seed."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
 import subprocess
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import conftest
-from conftest import PALATE, DaemonProc
-from palate.client import Client
-from palate.errors import PalateError
+from conftest import PALATE
 from palate.keys import KeyManager, zero
 from palate.paths import Paths
 from palate.store import Store
@@ -34,47 +29,6 @@ def seeded(test: str) -> tuple[random.Random, int]:
     seed = int(raw) if raw else random.SystemRandom().randrange(1 << 31)
     print(f"{test}: PALATE_FAULT_SEED={seed}")
     return random.Random(seed), seed
-
-
-class FaultDaemon(DaemonProc):
-    """``DaemonProc`` that can run a hook in the child before exec (rlimits) and can be
-    spawned without waiting for its socket (to kill it in the middle of start-up)."""
-
-    def __init__(
-        self,
-        home: Path,
-        env: dict[str, str],
-        preexec_fn: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(home, env)
-        self.preexec_fn = preexec_fn
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        self._log_fh = open(self.log, "ab")  # noqa: SIM115 - closed by kill9/terminate
-        self.proc = subprocess.Popen(
-            [*PALATE, "daemon"],
-            env=self.env,
-            stdout=self._log_fh,
-            stderr=self._log_fh,
-            preexec_fn=self.preexec_fn,
-        )
-        conftest._STARTED.append(self)  # reaped by conftest if the test fails
-        return self.proc
-
-    def start(self, timeout: float = 20.0) -> FaultDaemon:
-        self.spawn()
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
-            try:
-                with Client(socket_path=self.paths.socket, timeout=5) as c:
-                    c.hello()
-                return self
-            except PalateError:
-                time.sleep(0.02)
-        raise RuntimeError(f"daemon did not start: {self.log.read_text()}")
 
 
 def run_daemon_once(env: dict[str, str], timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
@@ -141,28 +95,6 @@ def fingerprint(directory: Path) -> dict[str, str]:
         if p.is_file():
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-def wait_for(what: Callable[[], Any], timeout: float, message: str, every: float = 0.02) -> Any:
-    """Poll real process state until ``what()`` is truthy; never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s: {message}")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return True
 
 
 def rating(eid: str, source: str = "faults", size: int = 0) -> dict[str, Any]:

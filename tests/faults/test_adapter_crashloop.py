@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from adapter_harness import SUPPORT
-from conftest import daemon_env
+from conftest import DaemonProc, daemon_env
 from palate.errors import PalateError
 
-from .helpers import NO_SCHEDULE, FaultDaemon, assert_acked_present, rating, read_store
+from .helpers import NO_SCHEDULE, assert_acked_present, rating, read_store
 
 RESTARTS = 3  # gaps of 1, 2 and 4 s
 
@@ -33,7 +33,7 @@ def test_crash_looping_adapter_backs_off_while_the_daemon_serves(home: Path) -> 
         NO_SCHEDULE + '[adapters.crashy]\nenabled = true\nmodule = "palate_test_plugins:Crashy"\n'
     )
     pythonpath = os.pathsep.join([str(SUPPORT), os.environ.get("PYTHONPATH", "")])
-    d = FaultDaemon(home, daemon_env(home, PYTHONPATH=pythonpath)).start()
+    d = DaemonProc(home, daemon_env(home, PYTHONPATH=pythonpath)).start()
 
     acked: dict[str, int] = {}
     latencies: list[float] = []

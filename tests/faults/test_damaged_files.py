@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import daemon_env
+from conftest import DaemonProc, daemon_env
 
-from .helpers import NO_SCHEDULE, FaultDaemon, fingerprint, rating, run_daemon_once
+from .helpers import NO_SCHEDULE, fingerprint, rating, run_daemon_once
 
 PAGE = 4096
 EVENTS = 2000
@@ -35,12 +35,12 @@ def crashed_home() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))
     try:
         (base / "config.toml").write_text(NO_SCHEDULE)
-        d = FaultDaemon(base, daemon_env(base)).start()
+        d = DaemonProc(base, daemon_env(base)).start()
         with d.client() as c:
             for b in range(0, EVENTS, 500):
                 c.ingest_batch([rating(f"e{i}", size=300) for i in range(b, b + 500)])
         assert d.terminate() == 0  # the bulk checkpointed into palate.db
-        d = FaultDaemon(base, daemon_env(base)).start()
+        d = DaemonProc(base, daemon_env(base)).start()
         with d.client() as c:
             c.ingest_batch([rating(f"w{i}") for i in range(50)])
         d.kill9()  # ... and the last batch only in the WAL
@@ -117,7 +117,7 @@ def test_damage_is_refused_and_nothing_is_written(
     print(f"{damage}: {line}")
     if damage == "flip-middle":  # (the files are unchanged, so one restart shows it for all)
         (data / name).write_bytes(original)  # undo the damage: all there, WAL included
-        d = FaultDaemon(home, env).start()
+        d = DaemonProc(home, env).start()
         with d.client() as c:
             assert c.status()["events"]["total"] == EVENTS + 50
         assert d.terminate() == 0

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import daemon_env
+from conftest import DaemonProc, daemon_env
 from palate.errors import PalateError
 
 from .helpers import (
     NO_SCHEDULE,
-    FaultDaemon,
     assert_acked_present,
     fingerprint,
     rating,
@@ -61,7 +60,7 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def fill_until_full(d: FaultDaemon, acked: dict[str, int], tag: str) -> PalateError:
+def fill_until_full(d: DaemonProc, acked: dict[str, int], tag: str) -> PalateError:
     """Ingest ~40 KB batches until the daemon answers with an error; return that error."""
     with d.client() as c:
         for i in range(2000):
@@ -74,7 +73,7 @@ def fill_until_full(d: FaultDaemon, acked: dict[str, int], tag: str) -> PalateEr
     raise AssertionError("80 MB went in without the disk ever filling up")
 
 
-def assert_full_and_serving(d: FaultDaemon, err: PalateError, acked: dict[str, int]) -> None:
+def assert_full_and_serving(d: DaemonProc, err: PalateError, acked: dict[str, int]) -> None:
     assert err.code == "storage_full", f"{err.code}: {err.message}"
     assert "Free some space" in err.message, err.message
     assert d.alive(), "the daemon died when the disk filled up"
@@ -88,7 +87,7 @@ def assert_full_and_serving(d: FaultDaemon, err: PalateError, acked: dict[str, i
     assert d.alive()
 
 
-def resume_and_check(d: FaultDaemon, acked: dict[str, int]) -> None:
+def resume_and_check(d: DaemonProc, acked: dict[str, int]) -> None:
     with d.client() as c:
         res = c.ingest_batch([rating(f"after-{i}", size=4000) for i in range(10)])
         assert res["accepted"] == 10
@@ -102,7 +101,7 @@ def test_disk_full_on_a_small_tmpfs(home: Path) -> None:
     (home / "config.toml").write_text(NO_SCHEDULE)
     env = daemon_env(home)
     with small_tmpfs(home / "data", "6m") as data:
-        d = FaultDaemon(home, env)
+        d = DaemonProc(home, env)
         try:
             filler = data / "filler"
             filler.write_bytes(b"\0" * 3_500_000)
@@ -130,7 +129,7 @@ def test_disk_full_on_a_small_tmpfs(home: Path) -> None:
             after = fingerprint(data)
             assert {k: after.get(k) for k in before} == before, "a file changed"
             filler.unlink()
-            d = FaultDaemon(home, env).start()
+            d = DaemonProc(home, env).start()
             with d.client() as c:
                 assert c.status()["events"]["total"] == len(acked)
             assert d.terminate() == 0
@@ -165,7 +164,7 @@ def test_new_home_on_a_full_disk_is_a_clear_error(home: Path) -> None:
         assert "Free some space" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
         filler.unlink()
-        d = FaultDaemon(home, env).start()
+        d = DaemonProc(home, env).start()
         with d.client() as c:
             c.ingest(rating("first"))
             assert c.status()["events"]["total"] == 1
@@ -184,7 +183,7 @@ def _limit_file_size() -> None:
 def test_file_size_limit_reached(home: Path) -> None:
     (home / "config.toml").write_text(NO_SCHEDULE)
     preexec: Callable[[], None] = _limit_file_size
-    d = FaultDaemon(home, daemon_env(home), preexec_fn=preexec).start()
+    d = DaemonProc(home, daemon_env(home), preexec_fn=preexec).start()
     acked: dict[str, int] = {}
     err = fill_until_full(d, acked, "l")
     assert len(acked) > 100

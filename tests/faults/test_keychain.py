@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PALATE, daemon_env
+from conftest import PALATE, DaemonProc, daemon_env
 
-from .helpers import NO_SCHEDULE, FaultDaemon, fingerprint, rating, run_daemon_once
+from .helpers import NO_SCHEDULE, fingerprint, rating, run_daemon_once
 
 pytestmark = pytest.mark.keyring
 
@@ -84,7 +84,7 @@ def test_keychain_unreachable_or_locked_at_start_then_recovery(
 ) -> None:
     (home / "config.toml").write_text(NO_SCHEDULE)
     env = daemon_env(home, PALATE_KEY_BACKEND="keyring", **keyring_env)
-    d = FaultDaemon(home, env).start()
+    d = DaemonProc(home, env).start()
     ids = [f"k{i}" for i in range(200)]
     with d.client() as c:
         c.ingest_batch([rating(i) for i in ids])
@@ -123,7 +123,7 @@ def test_keychain_unreachable_or_locked_at_start_then_recovery(
     assert secrets(env, "state") == entries, "no keychain entry may be added or removed"
 
     # 3. Keychain back: everything is there.
-    d = FaultDaemon(home, env).start()
+    d = DaemonProc(home, env).start()
     with d.client() as c:
         assert c.status()["events"]["total"] == len(ids)
     assert d.terminate() == 0
@@ -133,7 +133,7 @@ def test_keychain_unreachable_or_locked_at_start_then_recovery(
     ok = cli(gone, "key", "recover", "--code", code, "--backend", "file")
     assert ok.returncode == 0, ok.stderr
     file_env = {**gone, "PALATE_KEY_BACKEND": "file"}
-    d = FaultDaemon(home, file_env).start()
+    d = DaemonProc(home, file_env).start()
     with d.client() as c:
         st = c.status()
         assert st["events"]["total"] == len(ids) and st["key"]["backend"] == "file"

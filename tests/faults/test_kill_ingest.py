@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import daemon_env
+from conftest import DaemonProc, daemon_env
 from palate.errors import PalateError
 
 from .helpers import (
     NO_SCHEDULE,
-    FaultDaemon,
     assert_acked_present,
     pair,
     rating,
@@ -58,7 +57,7 @@ class Writers:
         self.inflight = [False] * WRITERS
 
     def run_round(
-        self, d: FaultDaemon, rnd_round: int, stop: threading.Event
+        self, d: DaemonProc, rnd_round: int, stop: threading.Event
     ) -> list[threading.Thread]:
         threads = [
             threading.Thread(target=self._write, args=(d, w, rnd_round, stop), daemon=True)
@@ -68,7 +67,7 @@ class Writers:
             t.start()
         return threads
 
-    def _write(self, d: FaultDaemon, w: int, rnd_round: int, stop: threading.Event) -> None:
+    def _write(self, d: DaemonProc, w: int, rnd_round: int, stop: threading.Event) -> None:
         rnd = random.Random(self.seed * 1000 + rnd_round * WRITERS + w)
         k = 0
         try:
@@ -119,7 +118,7 @@ class Writers:
                 self.unexpected.append(f"{e.code}: {e.message}")
 
 
-def check(d: FaultDaemon, wr: Writers, where: str) -> None:
+def check(d: DaemonProc, wr: Writers, where: str) -> None:
     view = read_store(d.paths, ADAPTER)
     assert_acked_present(view, wr.acked, where)
     for w in range(WRITERS):
@@ -143,11 +142,11 @@ def test_kill9_at_random_points_during_ingest_loses_nothing_acknowledged(home: P
     for n in range(KILLS):
         if n in startup_at:
             # a kill somewhere in start-up: lock, key, quick_check, open, WAL recovery
-            d = FaultDaemon(home, env)
+            d = DaemonProc(home, env)
             d.spawn()
             time.sleep(rnd.uniform(0.0, 0.6))
             d.kill9()
-        d = FaultDaemon(home, env)
+        d = DaemonProc(home, env)
         t0 = time.monotonic()
         d.start()
         restarts.append(time.monotonic() - t0)
@@ -165,7 +164,7 @@ def test_kill9_at_random_points_during_ingest_loses_nothing_acknowledged(home: P
         assert d.paths.socket.exists(), "kill -9 leaves the socket file behind"
         assert not wr.unexpected, f"seed {seed}: {wr.unexpected[:3]}"
 
-    d = FaultDaemon(home, env).start()  # replaces the stale socket once more
+    d = DaemonProc(home, env).start()  # replaces the stale socket once more
     check(d, wr, f"at the end (seed {seed})")
     with d.client() as c:
         total = c.status()["events"]["total"]

@@ -29,10 +29,10 @@ from typing import Any
 
 import pytest
 
-from conftest import daemon_env
+from conftest import DaemonProc, daemon_env, pid_alive, wait_for
 from palate.errors import PalateError
 
-from .helpers import FaultDaemon, pid_alive, read_store, seeded, wait_for
+from .helpers import read_store, seeded
 
 pytestmark = pytest.mark.slow
 
@@ -72,13 +72,13 @@ class Trained:
     judge_s: float  # from the "evaluate" progress line to the end of a run
 
 
-def score(d: FaultDaemon) -> tuple[int, list[float]]:
+def score(d: DaemonProc) -> tuple[int, list[float]]:
     with d.client(timeout=60) as c:
         r = c.score(*PROBE)
     return int(r["version"]), list(r["scores"])
 
 
-def registry(d: FaultDaemon) -> tuple[dict[int, str], int | None]:
+def registry(d: DaemonProc) -> tuple[dict[int, str], int | None]:
     with d.client() as c:
         m = c.call("models")
     states = {int(x["version"]): str(x["state"]) for x in m["models"]}
@@ -86,7 +86,7 @@ def registry(d: FaultDaemon) -> tuple[dict[int, str], int | None]:
     return states, m["deployed"]
 
 
-def train_wait(d: FaultDaemon) -> tuple[dict[str, Any], float]:
+def train_wait(d: DaemonProc) -> tuple[dict[str, Any], float]:
     """A whole run; also how long it took from its "evaluate" line to the end."""
     seen: dict[str, float] = {}
 
@@ -113,7 +113,7 @@ def trained() -> Iterator[Trained]:
             "eval_every = 1000\npatience = 1000\n"
             "[schedule]\nenabled = false\n" + PERMISSIVE_GATE
         )
-        d = FaultDaemon(base, daemon_env(base)).start()
+        d = DaemonProc(base, daemon_env(base)).start()
         scores: dict[int, list[float]] = {}
         judge_s = 0.0
         for tag, seed in (("a", 1), ("b", 2)):
@@ -132,12 +132,12 @@ def trained() -> Iterator[Trained]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def copy_home(t: Trained, home: Path) -> FaultDaemon:
+def copy_home(t: Trained, home: Path) -> DaemonProc:
     shutil.copytree(t.home, home, dirs_exist_ok=True, ignore=shutil.ignore_patterns("run", "*.log"))
-    return FaultDaemon(home, daemon_env(home))
+    return DaemonProc(home, daemon_env(home))
 
 
-def serves(d: FaultDaemon, scores: dict[int, list[float]], deployed: int) -> None:
+def serves(d: DaemonProc, scores: dict[int, list[float]], deployed: int) -> None:
     """The daemon serves ``deployed``, with the scores recorded for it (new: recorded now)."""
     version, s = score(d)
     assert version == deployed
@@ -149,7 +149,7 @@ def serves(d: FaultDaemon, scores: dict[int, list[float]], deployed: int) -> Non
 class PhaseWatch:
     """``train --wait`` in a thread; ``phase`` is set when the run reports it."""
 
-    def __init__(self, d: FaultDaemon, phase: str) -> None:
+    def __init__(self, d: DaemonProc, phase: str) -> None:
         self.event = threading.Event()
         self.result: dict[str, Any] | None = None
         self.error: PalateError | None = None
@@ -170,7 +170,7 @@ class PhaseWatch:
         self.thread.start()
 
 
-def child_pid(d: FaultDaemon) -> int:
+def child_pid(d: DaemonProc) -> int:
     def current() -> Any:
         with d.client() as c:
             cur = c.status()["training"]["current"]
@@ -247,7 +247,7 @@ def _kill_daemon_during(trained: Trained, home: Path, phase: str, delay: float) 
     # the orphaned child must stop by itself: nothing is left to report to
     wait_for(lambda: not pid_alive(pid), 30, "the training child outlived its daemon")
     gone_after = time.monotonic() - t0
-    d = FaultDaemon(home, daemon_env(home)).start()
+    d = DaemonProc(home, daemon_env(home)).start()
     assert registry(d) == (states, deployed), f"the orphaned run changed the registry ({phase})"
     serves(d, scores, deployed)
     with d.client() as c:
@@ -269,7 +269,7 @@ def test_kill9_of_the_daemon_while_a_run_judges(trained: Trained, home: Path) ->
 
 
 def _call(
-    d: FaultDaemon,
+    d: DaemonProc,
     method: str,
     params: dict[str, Any],
     acked: list[Any],
@@ -313,7 +313,7 @@ def test_kill9_of_the_daemon_around_deploy_and_rollback(trained: Trained, home: 
         d.kill9()
         t.join(10)
         assert all(e.code == "unavailable" for e in errors), errors
-        d = FaultDaemon(home, env).start()
+        d = DaemonProc(home, env).start()
         new_states, new_deployed = registry(d)
         assert new_deployed in (deployed, other), (n, new_deployed)
         if acked:

@@ -10,19 +10,16 @@ latencies (median and worst) and the daemon's RSS are printed (``pytest -s``) fo
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import conftest
-from conftest import DaemonProc, daemon_env
+from conftest import DaemonProc, module_daemon
 from palate import protocol
 
 FLOODER = Path(__file__).with_name("flooder.py")
@@ -40,15 +37,8 @@ CALLS = 10
 
 @pytest.fixture(scope="module")
 def flood_daemon() -> Iterator[DaemonProc]:
-    home = Path(tempfile.mkdtemp(prefix="pf-", dir="/tmp"))
-    d = DaemonProc(home, daemon_env(home)).start()
-    conftest._STARTED.remove(d)  # shared by this module's tests; stopped below
-    try:
+    with module_daemon("pf-") as d:
         yield d
-    finally:
-        if d.alive():
-            d.terminate()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
