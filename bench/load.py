@@ -304,25 +304,7 @@ class Worker:
                 sent = [wl.event()]
                 params = {"event": sent[0]}
             outcome, res, lat = await self._request(c, method, params, k.client_timeout)
-            t = self.tally(method)
-            if outcome == "ok":
-                problem = self._check(method, sent, res)
-                if problem:
-                    t.add_error("bad_answer", problem)
-                else:
-                    t.ok.append(lat)
-                    t.ok_at.append(time.time())
-                    if method == "ingest":
-                        self.acked.append((res["id"], res["seq"]))
-                    elif method == "ingest_batch":
-                        self.acked.extend((r["id"], r["seq"]) for r in res["results"])
-                    t.items += len(sent)
-            elif outcome == "busy":
-                t.busy.append(lat)
-            elif outcome == "deadline":
-                t.deadline.append(lat)
-            else:
-                t.add_error(res.code, str(res))
+            if not self._record(self.tally(method), method, outcome, res, lat, sent):
                 # The connection's state is unknown (timeout, lost): start a fresh one.
                 await c.close()
                 c = None
@@ -330,6 +312,30 @@ class Worker:
                 await asyncio.sleep(rnd.expovariate(1.0 / k.think_s))
         if c is not None:
             await c.close()
+
+    def _record(self, t: Any, method: str, outcome: str, res: Any, lat: float, sent: Any) -> bool:
+        """Count one answer in ``t``; track acknowledged ids. False: an unexpected error
+        (the connection's state is unknown)."""
+        if outcome == "ok":
+            problem = self._check(method, sent, res)
+            if problem:
+                t.add_error("bad_answer", problem)
+                return True
+            t.ok.append(lat)
+            t.ok_at.append(time.time())
+            if method == "ingest":
+                self.acked.append((res["id"], res["seq"]))
+            elif method == "ingest_batch":
+                self.acked.extend((r["id"], r["seq"]) for r in res["results"])
+            t.items += len(sent)
+        elif outcome == "busy":
+            t.busy.append(lat)
+        elif outcome == "deadline":
+            t.deadline.append(lat)
+        else:
+            t.add_error(res.code, str(res))
+            return False
+        return True
 
     async def bursts(self) -> None:
         """Every ``burst_every`` s: ``burst`` short reranks pipelined on one connection."""
@@ -355,19 +361,7 @@ class Worker:
                     jobs.append(self._request(c, "rerank", params, k.client_timeout))
                 results = await asyncio.gather(*jobs)
                 for cands, (outcome, res, lat) in zip(sent, results, strict=True):
-                    problem = self._check("rerank", cands, res) if outcome == "ok" else None
-                    if problem:
-                        t.add_error("bad_answer", problem)
-                    elif outcome == "ok":
-                        t.ok.append(lat)
-                        t.ok_at.append(time.time())
-                        t.items += len(cands)
-                    elif outcome == "busy":
-                        t.busy.append(lat)
-                    elif outcome == "deadline":
-                        t.deadline.append(lat)
-                    else:
-                        t.add_error(res.code, str(res))
+                    self._record(t, "rerank", outcome, res, lat, cands)
                 await c.close()
             # Sleep until the next burst, waking early when the run ends.
             end = time.monotonic() + k.burst_every
