@@ -31,6 +31,7 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check daemon tests bench examples fuzz
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Long coverage-guided fuzzing (atheris; Linux x86_64): each harness in fuzz/ for
 # FUZZ_MINUTES minutes, seeded from fuzz/corpus/<harness>/. New inputs and crash reproducers

@@ -45,9 +45,9 @@ from typing import Any
 import msgpack
 import sqlcipher3.dbapi2 as sqlcipher
 
-from palate.client import Client
 from palate.events import validate_event
-from palate.store import MIGRATIONS
+from palate.store.database import MIGRATIONS
+from palate.wire.client import Client
 
 GOAL_EVENTS_PER_S = 20_000
 GOAL_RATIO = 0.5

@@ -67,8 +67,8 @@ from pathlib import Path
 from typing import Any
 
 from ingest import Daemon, filesystem_of, percentile
-from palate.client import AsyncClient, Client
 from palate.errors import PalateError
+from palate.wire.client import AsyncClient, Client
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
@@ -83,13 +83,13 @@ EXPECTED = ("ok", "busy", "deadline")
 def deploy_model(home: str, out: Any) -> None:
     """Register and deploy a fresh LoRA + head on the embedded base, as bench/rerank.py does."""
     import rerank  # loads OpenBLAS first, then MLX
-    from palate import artifacts
-    from palate.base_model import load_base_model
-    from palate.keys import KeyManager
+    from palate.model import artifacts
+    from palate.model.base_model import load_base_model
+    from palate.model.reward_model import LoraConfig, RewardModel
+    from palate.model.scoring import Calibration
     from palate.paths import resolve
-    from palate.reward_model import LoraConfig, RewardModel
-    from palate.scoring import Calibration
-    from palate.store import Store
+    from palate.store.database import Store
+    from palate.store.keys import KeyManager
 
     t0 = time.monotonic()
     base = load_base_model(BASE_MODEL)
@@ -420,9 +420,9 @@ def worker_proc(
 
 def read_store_ids(home: Path) -> Counter[str]:
     """Every stored event id, read through the store API (the daemon must not be running)."""
-    from palate.keys import KeyManager
     from palate.paths import resolve
-    from palate.store import Store
+    from palate.store.database import Store
+    from palate.store.keys import KeyManager
 
     paths = resolve(home)
     store = Store(paths.db_file, KeyManager(paths, "file").unwrap())

@@ -12,7 +12,7 @@ wall times (train, eval) and peak RSS, and writes the report as JSON with --json
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -23,10 +23,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from palate.base_model import load_base_model  # noqa: E402
-from palate.batching import PairExample, split_key  # noqa: E402
-from palate.metrics import pairwise_report  # noqa: E402
-from palate.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
+from palate.evaluation.metrics import pairwise_report  # noqa: E402
+from palate.model.base_model import load_base_model  # noqa: E402
+from palate.model.batching import PairExample, split_key  # noqa: E402
+from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 
@@ -84,7 +84,7 @@ def main() -> int:
     t1 = time.monotonic()
     result = train_reward_model(train, config, progress=progress, base=base)
     train_s = time.monotonic() - t1
-    from palate.scoring import Scorer
+    from palate.model.scoring import Scorer
 
     scorer = Scorer(
         result.model,

@@ -18,7 +18,7 @@ and deployed in a temp PALATE_HOME: speed does not depend on what the weights le
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -38,15 +38,15 @@ from pathlib import Path  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from palate import artifacts  # noqa: E402
-from palate.base_model import load_base_model  # noqa: E402
-from palate.client import Client  # noqa: E402
 from palate.errors import PalateError  # noqa: E402
-from palate.keys import KeyManager  # noqa: E402
+from palate.model import artifacts  # noqa: E402
+from palate.model.base_model import load_base_model  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel, encode_prompt_responses  # noqa: E402
+from palate.model.scoring import Calibration  # noqa: E402
 from palate.paths import resolve  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel, encode_prompt_responses  # noqa: E402
-from palate.scoring import Calibration  # noqa: E402
-from palate.store import Store  # noqa: E402
+from palate.store.database import Store  # noqa: E402
+from palate.store.keys import KeyManager  # noqa: E402
+from palate.wire.client import Client  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 MAX_TOKENS = 384
@@ -72,7 +72,7 @@ def workload(tokenizer: object) -> tuple[str, list[str]]:
 
 SOCKET_PROBE = """
 import json, sys, time
-from palate.client import Client
+from palate.wire.client import Client
 job = json.load(sys.stdin)
 with Client(sys.argv[1], timeout=300) as c:
     c.rerank(job["prompt"], job["cands"])  # loads the model in the daemon

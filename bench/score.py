@@ -5,7 +5,7 @@ Rows, all in one run on the same HH pairs (each pair = prompt+chosen and prompt+
 - anchor: plain mlx-lm forward of the concatenated sequences (``model.model(tokens)``) +
   head, i.e. what a naive MLX reward model does (right-padded batch, one pass per row);
 - palate Scorer, numpy CPU forward (the default on a CPU): prompt-grouped forward (prompt
-  once per pair), the final block at the pooled position only, in numpy (palate.cpu_forward)
+  once per pair), the final block at the pooled position only, in numpy (palate.model.cpu_forward)
   with its batch split over the cores;
 - palate Scorer, MLX forward, 1 or 2 streams: the same grouped forward in MLX;
 - with ``--no-openblas-child``: skip re-running the anchor in a child with PALATE_OPENBLAS=0
@@ -20,7 +20,7 @@ Rows, all in one run on the same HH pairs (each pair = prompt+chosen and prompt+
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -35,10 +35,10 @@ from pathlib import Path  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from palate.base_model import load_base_model  # noqa: E402
-from palate.batching import PairExample, encode_examples  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel, configure_cpu_threads  # noqa: E402
-from palate.scoring import Scorer  # noqa: E402
+from palate.model.base_model import load_base_model  # noqa: E402
+from palate.model.batching import PairExample, encode_examples  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads  # noqa: E402
+from palate.model.scoring import Scorer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 
@@ -112,7 +112,7 @@ def main() -> None:
         sc.score_pairs(items)
         results[name] = n_tok / (time.perf_counter() - t)
     if args.torch_python:
-        from palate.base_model import locate_builtin
+        from palate.model.base_model import locate_builtin
 
         seqs = _sequences(base, args.pairs, args.max_tokens)
         job = {"gguf": str(locate_builtin("smollm2-135m")), "seqs": seqs, "threads": 2}

@@ -18,7 +18,7 @@ machine's 2 cores are shared (other jobs make single timings noisy).
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -35,12 +35,12 @@ import numpy as np  # noqa: E402
 from mlx_lm.tuner.trainer import default_loss  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 
-from palate.base_model import load_base_model  # noqa: E402
-from palate.batching import PairExample, collate, encode_examples  # noqa: E402
-from palate.losses import LossInputs, preference_loss  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel, configure_cpu_threads  # noqa: E402
-from palate.scoring import batch_arrays, make_streams  # noqa: E402
-from palate.training import build_prefix_cache  # noqa: E402
+from palate.model.base_model import load_base_model  # noqa: E402
+from palate.model.batching import PairExample, collate, encode_examples  # noqa: E402
+from palate.model.losses import LossInputs, preference_loss  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads  # noqa: E402
+from palate.model.scoring import batch_arrays, make_streams  # noqa: E402
+from palate.model.training import build_prefix_cache  # noqa: E402
 
 
 def set_blas_threads(n: int) -> None:
@@ -99,7 +99,7 @@ def main() -> None:
     configure_cpu_threads(args.streams)
     streams = make_streams(args.streams)
     rm = RewardModel(base.model, lora, seed=0)
-    from palate.batching import split_batch
+    from palate.model.batching import split_batch
 
     def loss_fn(
         m: RewardModel, arrays: tuple[mx.array, ...], li: LossInputs, start: int

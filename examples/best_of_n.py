@@ -3,7 +3,7 @@
     .venv/bin/python examples/best_of_n.py "How do I center a div?" -n 4
 
 Generates with mlx-lm from a local model (default: the embedded SmolLM2-135M that Palate
-ships with; any spec `palate.base_model.load_base_model` accepts works), asks the running
+ships with; any spec `palate.model.base_model.load_base_model` accepts works), asks the running
 daemon to rerank, and prints the candidates best-first. Needs a deployed model
 (`palate train --wait` after some feedback).
 """
@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
 from mlx_lm import generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from palate.base_model import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
-from palate.client import Client  # noqa: E402
 from palate.errors import PalateError  # noqa: E402
+from palate.model.base_model import DEFAULT_BASE_MODEL, load_base_model  # noqa: E402
+from palate.wire.client import Client  # noqa: E402
 
 
 def main() -> int:

@@ -23,8 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from palate.api import Api
 from palate.errors import ERROR_CODES, PalateError
+from palate.runtime.api import Api
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_MD = REPO / "docs" / "protocol.md"

@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the daemon's byte stream handling (atheris / libFuzzer).
 
 Each input is the byte stream of one client connection. It goes through the real
-``palate.server.Connection`` (streaming msgpack decoder with every limit, envelope parsing,
+``palate.runtime.server.Connection`` (streaming msgpack decoder with every limit, envelope parsing,
 dispatch to the real Api over a real SQLCipher store, response encoding), twice: once as one
 read, once cut into small pieces (chunk size derived from the input). Checked per input:
 
@@ -30,7 +30,7 @@ import atheris
 with atheris.instrument_imports(include=["palate", "inproc"]):
     import inproc
 
-    from palate.server import CANCEL_ON_HANGUP
+    from palate.runtime.server import CANCEL_ON_HANGUP
 
 ENV: inproc.Env | None = None
 

@@ -33,8 +33,8 @@ with atheris.instrument_imports(include=["palate", "inproc", "contract"]):
     import contract
     import inproc
 
-    from palate import protocol
     from palate.errors import PalateError
+    from palate.wire import protocol
 
 ENV: inproc.Env | None = None
 METHODS: list[str] = []

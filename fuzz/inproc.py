@@ -1,6 +1,6 @@
 """An in-process daemon for the fuzz harnesses: the real Api over a real SQLCipher store.
 
-No socket: the server's real :class:`palate.server.Connection` reads from an
+No socket: the server's real :class:`palate.runtime.server.Connection` reads from an
 ``asyncio.StreamReader`` fed with the fuzz input and writes into a byte sink, so the bytes go
 through exactly the daemon's framing, decoder limits, envelope parsing, dispatch, parameter
 validation, store and response encoding. The store lives on tmpfs (``/dev/shm``) when there
@@ -26,14 +26,14 @@ from typing import Any
 import msgpack
 from contract import sandbox_params
 
-from palate import protocol
-from palate.api import Api
 from palate.config import load_config
-from palate.daemon import open_store
 from palate.errors import ERROR_CODES
 from palate.paths import resolve
-from palate.server import Connection, Server
-from palate.writer import StoreWriter
+from palate.runtime.api import Api
+from palate.runtime.daemon import open_store
+from palate.runtime.server import Connection, Server
+from palate.store.writer import StoreWriter
+from palate.wire import protocol
 
 #: Methods that answer ``unavailable`` in-process when their params are valid.
 DETACHED = frozenset({"train", "score", "rerank", "compare"})

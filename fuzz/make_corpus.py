@@ -19,7 +19,7 @@ from typing import Any
 import contract
 import msgpack
 
-from palate.api import Api
+from palate.runtime.api import Api
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"

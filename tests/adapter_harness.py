@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from palate.client import Client
+from palate.wire.client import Client
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SUPPORT = Path(__file__).resolve().parent / "plugins_support"

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from palate.blas import ensure_fast_blas
-from palate.client import Client
 from palate.errors import PalateError
+from palate.model.blas import ensure_fast_blas
 from palate.paths import resolve
+from palate.wire.client import Client
 
 # Before any test module imports mlx.core: OpenBLAS must be loaded first, or every MLX test
 # in this process runs on the slow reference BLAS (conftest is imported before test modules).

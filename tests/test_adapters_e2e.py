@@ -16,7 +16,7 @@ from pathlib import Path
 
 from adapter_harness import adapter_env, exported, total, write_config
 from conftest import DaemonProc
-from palate.supervisor import Supervisor
+from palate.runtime.supervisor import Supervisor
 
 
 def line(i: int) -> str:

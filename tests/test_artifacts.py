@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -11,7 +11,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from palate.artifacts import (  # noqa: E402
+from palate.model.artifacts import (  # noqa: E402
     ArtifactError,
     artifact_from_model,
     build_config,
@@ -21,8 +21,8 @@ from palate.artifacts import (  # noqa: E402
     save_dir,
     to_bytes,
 )
-from palate.scoring import Scorer  # noqa: E402
-from palate.training import TrainConfig, train_reward_model  # noqa: E402
+from palate.model.scoring import Scorer  # noqa: E402
+from palate.model.training import TrainConfig, train_reward_model  # noqa: E402
 from tiny_lm import marker_pairs, tiny_base  # noqa: E402
 
 

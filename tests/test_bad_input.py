@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DaemonProc
-from palate import protocol
 from palate.errors import ERROR_CODES, PalateError
 from palate.events import validate_event
+from palate.wire import protocol
 
 
 def raw_conn(d: DaemonProc) -> socket.socket:

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from conftest import missing
-from palate.base_model import (
+from palate.errors import PalateError
+from palate.model.base_model import (
     DEFAULT_BASE_MODEL,
     BaseModel,
     ModelLoadError,
@@ -28,7 +29,6 @@ from palate.base_model import (
     load_base_model,
     locate_builtin,
 )
-from palate.errors import PalateError
 from tiny_gguf import (
     CHAT_TEMPLATE,
     tiny_args,

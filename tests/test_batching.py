@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from palate.batching import (
+from palate.model.batching import (
     PairExample,
     RatingExample,
     bucket_batches,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from palate.blas import BlasOutcome, bundled_reference_blas, ensure_fast_blas, find_openblas
+from palate.model.blas import BlasOutcome, bundled_reference_blas, ensure_fast_blas, find_openblas
 
 OPENBLAS = find_openblas()
 needs_fix = pytest.mark.skipif(
@@ -25,7 +25,7 @@ needs_fix = pytest.mark.skipif(
 PROBE = """
 import json, sys
 {before}
-from palate.blas import ensure_fast_blas, blas_report
+from palate.model.blas import ensure_fast_blas, blas_report
 status = ensure_fast_blas()
 again = ensure_fast_blas()
 report = blas_report(size=128, budget_s=0.02)
@@ -105,7 +105,7 @@ def test_unloadable_override_fails_softly() -> None:
 @needs_fix
 def test_model_modules_apply_the_fix_on_import() -> None:
     """Importing the package's MLX modules first must not pre-empt the fix."""
-    for module in ("palate.base_model", "palate.gguf_loader"):
+    for module in ("palate.model.base_model", "palate.model.gguf_loader"):
         out = probe(before=f"import {module}")
         assert out["outcome"] == BlasOutcome.APPLIED.value, module
         assert out["openblas_mapped"], module

@@ -121,8 +121,8 @@ def test_forget_really_removes(home: Path) -> None:
         assert c.status()["events"]["total"] == 1
     d.terminate()
     # The store is encrypted, so also check the decrypted content no longer holds it.
-    from palate.keys import KeyManager
-    from palate.store import Store
+    from palate.store.database import Store
+    from palate.store.keys import KeyManager
 
     km = KeyManager(d.paths)
     s = Store(d.paths.db_file, km.unwrap())

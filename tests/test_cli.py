@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HH_DATA, PALATE, REPO, DaemonProc, daemon_env, missing
-from palate.cli import EXIT_CODES, cli
+from palate.cli.main import EXIT_CODES, cli
 
 
 def all_commands() -> list[list[str]]:

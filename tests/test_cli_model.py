@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from palate.cli_model import eval_command, score_command, train_command  # noqa: E402
+from palate.cli.training import eval_command, score_command, train_command  # noqa: E402
 from tiny_lm import marker_pairs, save_tiny_model_dir  # noqa: E402
 
 

@@ -90,7 +90,7 @@ def test_root_follows_continue_global_dir(tmp_path: Path) -> None:
 def test_cli_adapters_test_prints_events(tmp_path: Path) -> None:
     env = dict(os.environ, PALATE_HOME=str(tmp_path), PALATE_THIRD_PARTY_ADAPTERS="0")
     code = (
-        "import sys; from palate.cli_adapters import adapters; "
+        "import sys; from palate.cli.adapters import adapters; "
         "adapters(['test', 'continue', sys.argv[1], '--json'])"
     )
     r = subprocess.run(

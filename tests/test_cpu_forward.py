@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -11,10 +11,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from palate.batching import bucket_batches, collate, encode_examples  # noqa: E402
-from palate.cpu_forward import CpuEngine, cpu_engine_unsupported  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
-from palate.scoring import batch_arrays  # noqa: E402
+from palate.model.batching import bucket_batches, collate, encode_examples  # noqa: E402
+from palate.model.cpu_forward import CpuEngine, cpu_engine_unsupported  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
+from palate.model.scoring import batch_arrays  # noqa: E402
 from tiny_lm import marker_pairs, tiny_base  # noqa: E402
 
 

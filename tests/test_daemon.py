@@ -15,8 +15,8 @@ import pytest
 
 from conftest import PALATE, DaemonProc, daemon_env
 from palate import API_LEVEL, __version__
-from palate.client import AsyncClient, Client
 from palate.errors import PalateError
+from palate.wire.client import AsyncClient, Client
 
 
 def pair(i: int, **kw: object) -> dict[str, object]:

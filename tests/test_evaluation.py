@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from palate.evaluation import (
+from palate.evaluation.heldout import (
     PairRecord,
     RatingRecord,
     accuracy_stats,
@@ -83,8 +83,13 @@ def test_calibration_ece_and_brier_by_hand() -> None:
     c = calibration([ln3, -ln3], temperature=1.0)
     assert c["ece"] == pytest.approx(0.25)
     assert c["brier"] == pytest.approx((0.0625 + 0.5625) / 2)
-    assert c["bins"][7] == {"lo": 0.7, "hi": 0.8, "n": 2, "mean_p": pytest.approx(0.75),
-                            "frac_chosen": 0.5}
+    assert c["bins"][7] == {
+        "lo": 0.7,
+        "hi": 0.8,
+        "n": 2,
+        "mean_p": pytest.approx(0.75),
+        "frac_chosen": 0.5,
+    }
     # Temperature divides the diff; a coin-flip model (all ties) is perfectly calibrated at 0.5.
     assert calibration([2 * ln3], temperature=2.0)["brier"] == pytest.approx(0.0625)
     zero = calibration([0.0] * 6)
@@ -117,8 +122,15 @@ def test_auc_by_hand() -> None:
     assert rating_auc([1.0, 1.0], [1, 0]) == pytest.approx(0.5)  # a tie counts one half
     assert rating_auc([3.0, 2.0, 1.0], [1.0, 0.7, 0.2]) == pytest.approx(1.0)  # soft labels
     assert rating_auc([1.0, 2.0], [1, 1]) is None
-    m = evaluate(SMALL, [RatingRecord(0.1, 0, 3), RatingRecord(0.4, 0, 3),
-                         RatingRecord(0.35, 1, 3), RatingRecord(0.8, 1, 3)])
+    m = evaluate(
+        SMALL,
+        [
+            RatingRecord(0.1, 0, 3),
+            RatingRecord(0.4, 0, 3),
+            RatingRecord(0.35, 1, 3),
+            RatingRecord(0.8, 1, 3),
+        ],
+    )
     assert m["ratings"] == {"n": 4, "positives": 2, "negatives": 2, "auc": pytest.approx(0.75)}
 
 
@@ -135,21 +147,29 @@ def test_paired_bootstrap() -> None:
     # Same distribution as resampling pair indices the slow way.
     rng = np.random.default_rng(1)
     idx = rng.integers(0, 100, size=(4000, 100))
-    naive = (c[idx].mean(1) - d[idx].mean(1))
+    naive = c[idx].mean(1) - d[idx].mean(1)
     assert r["lower_95"] == pytest.approx(float(np.quantile(naive, 0.05)), abs=0.02)
     with pytest.raises(ValueError):
         paired_bootstrap([True], [True, False])
 
 
 def test_vs_deployed_is_paired_and_checks_the_pairs() -> None:
-    dep = [PairRecord(0.0, 1.0, p.len_chosen, p.len_rejected, p.source, p.domain, p.pair_id)
-           for p in SMALL]
+    dep = [
+        PairRecord(0.0, 1.0, p.len_chosen, p.len_rejected, p.source, p.domain, p.pair_id)
+        for p in SMALL
+    ]
     m = evaluate(SMALL, deployed_pairs=dep)
     o = m["vs_deployed"]["overall"]
     assert (o["candidate_accuracy"], o["deployed_accuracy"], o["wins"]) == (0.5, 0.0, 2)
     assert set(m["vs_deployed"]["slices"]) == {
-        "length:chosen_longer", "length:chosen_shorter", "source:a", "source:b",
-        "domain:(none)", "domain:code", "domain:prose"}
+        "length:chosen_longer",
+        "length:chosen_shorter",
+        "source:a",
+        "source:b",
+        "domain:(none)",
+        "domain:code",
+        "domain:prose",
+    }
     assert m["vs_deployed"]["slices"]["length:chosen_longer"]["diff"] == 1.0
     with pytest.raises(ValueError, match="same pairs"):
         evaluate(SMALL, deployed_pairs=dep[:3])

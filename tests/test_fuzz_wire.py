@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, DaemonProc, module_daemon
-from palate import protocol
 from palate.errors import ERROR_CODES, PalateError
+from palate.wire import protocol
 
 sys.path.insert(0, str(REPO / "fuzz"))
 import contract

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from palate.evaluation import PairRecord, evaluate
-from palate.gate import Decision, GatePolicy, decide
-from palate.metrics import wilson_interval
+from palate.evaluation.gate import Decision, GatePolicy, decide
+from palate.evaluation.heldout import PairRecord, evaluate
+from palate.evaluation.metrics import wilson_interval
 
 
 def _stats(n: int, acc: float) -> dict[str, Any]:
@@ -20,9 +20,18 @@ def _stats(n: int, acc: float) -> dict[str, Any]:
 
 
 def _paired(n: int, cand: float, dep: float, lower: float) -> dict[str, Any]:
-    return {"n": n, "candidate_accuracy": cand, "deployed_accuracy": dep, "diff": cand - dep,
-            "ci_low": lower - 0.01, "ci_high": cand - dep + 0.05, "lower_95": lower,
-            "wins": 10, "losses": 5, "n_boot": 2000}
+    return {
+        "n": n,
+        "candidate_accuracy": cand,
+        "deployed_accuracy": dep,
+        "diff": cand - dep,
+        "ci_low": lower - 0.01,
+        "ci_high": cand - dep + 0.05,
+        "lower_95": lower,
+        "wins": 10,
+        "losses": 5,
+        "n_boot": 2000,
+    }
 
 
 def metrics(
@@ -41,22 +50,45 @@ def metrics(
     best = "always_longer" if longer >= shorter else "always_shorter"
     n_long, a_long, n_short, a_short = lc
     return {
-        "schema_version": 1, "length_unit": "chars", "n_pairs": n, "n_ratings": 0,
+        "schema_version": 1,
+        "length_unit": "chars",
+        "n_pairs": n,
+        "n_ratings": 0,
         "pairs_fingerprint": fingerprint,
-        "accuracy": overall["accuracy"], "accuracy_ci": [overall["ci_low"], overall["ci_high"]],
-        "correct": overall["correct"], "ties": 0, "mean_margin": 0.5,
-        "baselines": {"always_longer": _stats(n, longer), "always_shorter": _stats(n, shorter),
-                      "best": best, "best_accuracy": max(longer, shorter)},
-        "length_controlled": {"chosen_longer": _stats(n_long, a_long),
-                              "chosen_shorter": _stats(n_short, a_short), "equal_length": 0,
-                              "accuracy": (a_long + a_short) / 2, "gap": a_long - a_short},
-        "by_source": {}, "by_domain": {},
-        "calibration": {"temperature": 1.0, "n": n, "ece": 0.03, "brier": 0.18, "nll": 0.5,
-                        "binning": "10 equal-width bins, symmetrised", "bins": []},
+        "accuracy": overall["accuracy"],
+        "accuracy_ci": [overall["ci_low"], overall["ci_high"]],
+        "correct": overall["correct"],
+        "ties": 0,
+        "mean_margin": 0.5,
+        "baselines": {
+            "always_longer": _stats(n, longer),
+            "always_shorter": _stats(n, shorter),
+            "best": best,
+            "best_accuracy": max(longer, shorter),
+        },
+        "length_controlled": {
+            "chosen_longer": _stats(n_long, a_long),
+            "chosen_shorter": _stats(n_short, a_short),
+            "equal_length": 0,
+            "accuracy": (a_long + a_short) / 2,
+            "gap": a_long - a_short,
+        },
+        "by_source": {},
+        "by_domain": {},
+        "calibration": {
+            "temperature": 1.0,
+            "n": n,
+            "ece": 0.03,
+            "brier": 0.18,
+            "nll": 0.5,
+            "binning": "10 equal-width bins, symmetrised",
+            "bins": [],
+        },
         "length_bias": {"spearman": rho, "n": 2 * n},
         "ratings": {"n": 0, "positives": 0, "negatives": 0, "auc": None},
         "probes": _stats(48, probes) | {"by_category": {}} if probes is not None else None,
-        "vs_deployed": None, "length_scatter": {"length": [], "score": []},
+        "vs_deployed": None,
+        "length_scatter": {"length": [], "score": []},
     }
 
 
@@ -64,8 +96,10 @@ def with_deployed(
     cand: dict[str, Any], dep_acc: float, lower: float, slices: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     c = copy.deepcopy(cand)
-    c["vs_deployed"] = {"overall": _paired(c["n_pairs"], c["accuracy"], dep_acc, lower),
-                        "slices": slices or {}}
+    c["vs_deployed"] = {
+        "overall": _paired(c["n_pairs"], c["accuracy"], dep_acc, lower),
+        "slices": slices or {},
+    }
     return c
 
 
@@ -106,8 +140,9 @@ def test_accuracy_floor_rejects() -> None:
 
 def test_above_chance_rejects_small_lucky_sets() -> None:
     # 60% on 50 pairs clears the 55% floor but its CI still includes a coin flip.
-    d = decide(metrics(n=50, acc=0.6, longer=0.3, shorter=0.3, lc=(25, 0.6, 25, 0.6)), None,
-               GatePolicy())
+    d = decide(
+        metrics(n=50, acc=0.6, longer=0.3, shorter=0.3, lc=(25, 0.6, 25, 0.6)), None, GatePolicy()
+    )
     assert check(d, "accuracy_floor").status == "pass"
     assert check(d, "above_chance").status == "fail"
     assert d.action == "reject" and any("not above the 50%" in r for r in d.reasons)
@@ -125,8 +160,9 @@ def test_suspicious_accuracy_holds() -> None:
     d = decide(metrics(acc=0.99, lc=(100, 0.99, 100, 0.99)), None, GatePolicy())
     assert d.action == "hold"
     assert any("implausibly high" in r for r in d.reasons)
-    off = decide(metrics(acc=0.99, lc=(100, 0.99, 100, 0.99)), None,
-                 GatePolicy(suspicious_accuracy=None))
+    off = decide(
+        metrics(acc=0.99, lc=(100, 0.99, 100, 0.99)), None, GatePolicy(suspicious_accuracy=None)
+    )
     assert off.action == "deploy"
 
 
@@ -158,8 +194,10 @@ def test_overall_regression_rejects_on_the_paired_lower_bound() -> None:
 
 
 def test_slice_regression_rejects_only_slices_big_enough_to_judge() -> None:
-    slices = {"source:editor": _paired(80, 0.6, 0.75, -0.25),
-              "domain:code": _paired(12, 0.2, 0.9, -0.9)}
+    slices = {
+        "source:editor": _paired(80, 0.6, 0.75, -0.25),
+        "domain:code": _paired(12, 0.2, 0.9, -0.9),
+    }
     cand = with_deployed(metrics(acc=0.76), dep_acc=0.75, lower=0.0, slices=slices)
     d = decide(cand, metrics(acc=0.75), GatePolicy())
     assert d.action == "reject"
@@ -193,8 +231,9 @@ def test_probe_accuracy_must_not_drop() -> None:
     d = decide(cand, metrics(probes=0.95), GatePolicy())
     assert d.action == "reject"
     assert any("deployed model's 95.8%" in r for r in d.reasons)
-    small_drop = decide(with_deployed(metrics(probes=0.9), 0.75, 0.0), metrics(probes=0.92),
-                        GatePolicy())
+    small_drop = decide(
+        with_deployed(metrics(probes=0.9), 0.75, 0.0), metrics(probes=0.92), GatePolicy()
+    )
     assert small_drop.action == "deploy"  # one probe pair (2.1 pts) is within tolerance
     floor = decide(metrics(probes=0.4), None, GatePolicy())
     assert floor.action == "reject" and check(floor, "probe_floor").status == "fail"
@@ -209,8 +248,9 @@ def test_uncomparable_inputs_hold() -> None:
     no_pairing = decide(metrics(), metrics(), GatePolicy())
     assert no_pairing.action == "hold"
     assert "no paired comparison" in no_pairing.reasons[0]
-    other_set = decide(with_deployed(metrics(), 0.75, 0.0), metrics(fingerprint="other"),
-                       GatePolicy())
+    other_set = decide(
+        with_deployed(metrics(), 0.75, 0.0), metrics(fingerprint="other"), GatePolicy()
+    )
     assert other_set.action == "hold" and "different held-out sets" in other_set.reasons[0]
 
 

@@ -13,15 +13,15 @@ import pytest
 from keyring.backends import fail
 
 from palate.errors import PalateError
-from palate.keys import (
+from palate.paths import Paths, resolve
+from palate.store.database import Store, check_key
+from palate.store.keys import (
     FileBackend,
     KeyManager,
     KeyringBackend,
     decode_recovery,
     encode_recovery,
 )
-from palate.paths import Paths, resolve
-from palate.store import Store, check_key
 
 
 @pytest.fixture(params=["file", "keyring"])

@@ -19,9 +19,9 @@ import msgpack
 import pytest
 
 from conftest import DaemonProc, daemon_env
-from palate import protocol
 from palate.errors import PalateError
-from palate.split import is_heldout, split_key
+from palate.evaluation.split import is_heldout, split_key
+from palate.wire import protocol
 from tiny_gguf import tiny_args, tiny_model, write_gguf
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,9 @@ def sentence(rnd: random.Random, n: int) -> str:
     return " ".join(rnd.choice(WORDS) for _ in range(n))
 
 
-def marker_pairs(n: int, tag: str, *, flip_train: bool = False,
-                 seed: int = 0) -> list[dict[str, Any]]:
+def marker_pairs(
+    n: int, tag: str, *, flip_train: bool = False, seed: int = 0
+) -> list[dict[str, Any]]:
     """Pairs where the marker wins; with ``flip_train``, prompts on the training side of
     the held-out split get the labels reversed (a deliberately bad teacher), while held-out
     prompts keep the truth the candidate will be judged on."""
@@ -47,8 +48,16 @@ def marker_pairs(n: int, tag: str, *, flip_train: bool = False,
         bad = sentence(rnd, rnd.randint(3, 10))
         if flip_train and not is_heldout(split_key(prompt)):
             good, bad = bad, good
-        out.append({"kind": "pair", "source": "test", "prompt": prompt, "chosen": good,
-                    "rejected": bad, "context": {"domain": "code" if i % 2 else "chat"}})
+        out.append(
+            {
+                "kind": "pair",
+                "source": "test",
+                "prompt": prompt,
+                "chosen": good,
+                "rejected": bad,
+                "context": {"domain": "code" if i % 2 else "chat"},
+            }
+        )
     return out
 
 
@@ -173,14 +182,25 @@ def test_serving_under_load_swap_busy_and_ingest(tiny_daemon: DaemonProc) -> Non
     for _ in range(3):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(d.paths.socket))
-        s.sendall(b"".join(protocol.pack([0, i, "rerank", {"prompt": long, "candidates":
-                                          [long + str(j) for j in range(16)]}])
-                           for i in range(60)))
+        s.sendall(
+            b"".join(
+                protocol.pack(
+                    [
+                        0,
+                        i,
+                        "rerank",
+                        {"prompt": long, "candidates": [long + str(j) for j in range(16)]},
+                    ]
+                )
+                for i in range(60)
+            )
+        )
         conns.append(s)
     with d.client() as c:
         t0 = time.monotonic()
-        acked = c.ingest({"kind": "pair", "source": "t", "prompt": "during", "chosen": "a",
-                          "rejected": "b"})
+        acked = c.ingest(
+            {"kind": "pair", "source": "t", "prompt": "during", "chosen": "a", "rejected": "b"}
+        )
         assert not acked["duplicate"]
         assert time.monotonic() - t0 < 5, "ingest must not wait behind scoring"
     codes: dict[str, int] = {}
@@ -212,9 +232,19 @@ def test_serving_under_load_swap_busy_and_ingest(tiny_daemon: DaemonProc) -> Non
         before = c.status()["scorer"]["scored"]
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(d.paths.socket))
-        s.sendall(b"".join(protocol.pack([0, i, "rerank", {"prompt": long, "candidates":
-                                          [long + str(j) for j in range(16)]}])
-                           for i in range(40)))
+        s.sendall(
+            b"".join(
+                protocol.pack(
+                    [
+                        0,
+                        i,
+                        "rerank",
+                        {"prompt": long, "candidates": [long + str(j) for j in range(16)]},
+                    ]
+                )
+                for i in range(40)
+            )
+        )
         s.close()
         while c.status()["scorer"]["queued"] and time.monotonic() < deadline + 60:
             time.sleep(0.1)
@@ -230,9 +260,14 @@ def test_sigterm_while_scoring_exits_zero_in_budget(tiny_daemon: DaemonProc) -> 
     long = "omega " * 4000
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(d.paths.socket))
-    s.sendall(b"".join(protocol.pack([0, i, "rerank", {"prompt": long, "candidates":
-                                      [long + str(j) for j in range(16)]}])
-                       for i in range(30)))
+    s.sendall(
+        b"".join(
+            protocol.pack(
+                [0, i, "rerank", {"prompt": long, "candidates": [long + str(j) for j in range(16)]}]
+            )
+            for i in range(30)
+        )
+    )
     with d.client() as c:  # make sure scoring is really under way
         deadline = time.monotonic() + 30
         while not c.status()["scorer"]["batches"] and time.monotonic() < deadline:

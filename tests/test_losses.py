@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -11,7 +11,7 @@ import math  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
-from palate.losses import LossInputs, preference_loss  # noqa: E402
+from palate.model.losses import LossInputs, preference_loss  # noqa: E402
 
 
 def _inputs(

@@ -13,7 +13,7 @@ import pytest
 
 from adapter_harness import adapter_env, write_config
 from conftest import DaemonProc
-from palate.native_host import (
+from palate.adapters.native_host import (
     DEFAULT_CHROME_ID,
     HOST_NAME,
     MAX_TO_BROWSER,
@@ -45,7 +45,7 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
 
 def talk(home: Path, messages: list[bytes], *args: str) -> list[dict[str, Any]]:
     r = subprocess.run(
-        [sys.executable, "-m", "palate.native_host", *args],
+        [sys.executable, "-m", "palate.adapters.native_host", *args],
         input=b"".join(messages), capture_output=True, env=adapter_env(home), timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

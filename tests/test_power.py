@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from palate.power import (
+from palate.runtime.power import (
     Probes,
     parse_ioreg_idle,
     parse_pmset_batt,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from palate import protocol
 from palate.errors import PalateError
+from palate.wire import protocol
 
 
 def test_request_and_notification_parse() -> None:

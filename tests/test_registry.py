@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from conftest import DaemonProc, daemon_env
-from palate.cli import EXIT_CODES
-from palate.keys import KeyManager
-from palate.store import Store
+from palate.cli.main import EXIT_CODES
+from palate.store.database import Store
+from palate.store.keys import KeyManager
 
 
 def seed_models(d: DaemonProc) -> list[int]:

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from palate.evaluation import PairRecord, RatingRecord, evaluate, load_probes
-from palate.gate import GatePolicy, decide
-from palate.report import render_report, write_report
+from palate.evaluation.gate import GatePolicy, decide
+from palate.evaluation.heldout import PairRecord, RatingRecord, evaluate, load_probes
+from palate.evaluation.report import render_report, write_report
 
 SECRET = "the secret prompt about their tax return"
 
@@ -60,9 +60,22 @@ def _sample() -> dict[str, Any]:
 CURVES = [{"step": s, "train_loss": 0.7 - s / 1000} for s in range(10, 200, 10)] + [
     {"step": s, "val_loss": 0.72 - s / 1500} for s in range(50, 200, 50)
 ]
-HISTORY = [{"version": "v2", "created": "2026-05-02", "state": "candidate", "accuracy": 0.81,
-            "decision": "deploy"}, {"version": "v1", "created": "2026-05-01", "state": "deployed",
-                                    "metrics": {"accuracy": 0.7}, "decision": {"action": "deploy"}}]
+HISTORY = [
+    {
+        "version": "v2",
+        "created": "2026-05-02",
+        "state": "candidate",
+        "accuracy": 0.81,
+        "decision": "deploy",
+    },
+    {
+        "version": "v1",
+        "created": "2026-05-01",
+        "state": "deployed",
+        "metrics": {"accuracy": 0.7},
+        "decision": {"action": "deploy"},
+    },
+]
 
 
 def _parse(html: str) -> _Collect:
@@ -74,8 +87,9 @@ def _parse(html: str) -> _Collect:
 
 def test_report_parses_and_embeds_every_plot() -> None:
     s = _sample()
-    html = render_report(s["metrics"], s["decision"], HISTORY, deployed_metrics=s["deployed"],
-                         train_curves=CURVES)
+    html = render_report(
+        s["metrics"], s["decision"], HISTORY, deployed_metrics=s["deployed"], train_curves=CURVES
+    )
     p = _parse(html)
     assert not p.open  # every element closed
     # loss curves, slices, reliability diagram, score-vs-length scatter
@@ -93,8 +107,15 @@ def test_report_parses_and_embeds_every_plot() -> None:
 
 def test_no_example_text_unless_asked() -> None:
     s = _sample()
-    examples = [{"prompt": SECRET + " <script>alert(1)</script>", "chosen": "a", "rejected": "b",
-                 "score_chosen": 1.0, "score_rejected": 0.0}]
+    examples = [
+        {
+            "prompt": SECRET + " <script>alert(1)</script>",
+            "chosen": "a",
+            "rejected": "b",
+            "score_chosen": 1.0,
+            "score_rejected": 0.0,
+        }
+    ]
     plain = render_report(s["metrics"], s["decision"], [])
     assert SECRET not in plain and "Examples" not in plain
     shown = render_report(s["metrics"], s["decision"].to_json(), [], examples=examples)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -10,15 +10,15 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from palate.batching import collate, encode_examples  # noqa: E402
-from palate.reward_model import (  # noqa: E402
+from palate.model.batching import collate, encode_examples  # noqa: E402
+from palate.model.reward_model import (  # noqa: E402
     LoraConfig,
     RewardModel,
     encode_prompt_responses,
     parse_turns,
     truncate_group,
 )
-from palate.scoring import batch_arrays  # noqa: E402
+from palate.model.scoring import batch_arrays  # noqa: E402
 from tiny_lm import marker_pairs, tiny_base  # noqa: E402
 
 

@@ -17,12 +17,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from palate.api import Api
 from palate.config import ScheduleConfig, load_config
 from palate.errors import PalateError
 from palate.paths import resolve
-from palate.power import IdleState, PowerState
-from palate.scheduler import (
+from palate.runtime.api import Api
+from palate.runtime.power import IdleState, PowerState
+from palate.runtime.scheduler import (
     K_ATTEMPT,
     K_SUCCESS,
     K_TRAINED_SEQ,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -12,9 +12,9 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from palate.metrics import fit_temperature  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
-from palate.scoring import Calibration, Scorer  # noqa: E402
+from palate.evaluation.metrics import fit_temperature  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
+from palate.model.scoring import Calibration, Scorer  # noqa: E402
 from tiny_lm import WORDS, tiny_base  # noqa: E402
 
 

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from palate import cli_service
-from palate.doctor_extra import classify_keychain, keychain_lock_check, service_check
+from palate.cli.main import service as cli_service
 from palate.errors import PalateError
 from palate.paths import resolve
-from palate.service import (
+from palate.service.checks_data import classify_keychain, keychain_lock_check
+from palate.service.checks_install import service_check
+from palate.service.manager import (
     LABEL,
     CommandResult,
     LaunchAgent,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import DaemonProc
-from palate.api import MAX_CANDIDATES
-from palate.cli import EXIT_CODES
+from palate.cli.main import EXIT_CODES
 from palate.errors import PalateError
+from palate.runtime.api import MAX_CANDIDATES
 
 
 def test_no_model_is_a_clear_error(palate_daemon: DaemonProc, tmp_path: object) -> None:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from palate.split import (
+from palate.evaluation.split import (
     DEFAULT_FRACTION,
     HELDOUT_SALT,
     MIN_HELDOUT_PAIRS,
@@ -67,8 +67,11 @@ def test_items_sharing_a_prompt_share_a_side() -> None:
 
 def test_conversation_id_and_message_lists() -> None:
     turn1 = [{"role": "user", "content": "Plan a trip"}]
-    turn2 = [*turn1, {"role": "assistant", "content": "Where?"},
-             {"role": "user", "content": "Rome"}]
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": "Where?"},
+        {"role": "user", "content": "Rome"},
+    ]
     assert split_key(turn1) == split_key(turn2)  # every turn of a conversation on one side
     assert split_key("anything", conversation_id="c1") == split_key("other", conversation_id="c1")
     assert split_key("x", conversation_id="c1") != split_key("x")

@@ -11,7 +11,7 @@ import sqlcipher3.dbapi2 as sqlite
 
 from palate.errors import PalateError
 from palate.events import validate_event
-from palate.store import SCHEMA_VERSION, IngestGroup, Store, check_key, export_jsonl
+from palate.store.database import SCHEMA_VERSION, IngestGroup, Store, check_key, export_jsonl
 
 
 def ev(i: int, source: str = "t", ts: float = 1_790_000_000.0) -> dict[str, object]:
@@ -174,15 +174,23 @@ def test_registry_deploy_rollback_prune(tmp_path: Path, key: bytes) -> None:
     assert s.deploy_model(v[1], how="gate", reason="better") == v[0]
     assert s.deploy_model(v[2], how="override", reason="user") == v[1]
     states = {m["version"]: m["state"] for m in s.list_models()}
-    assert states == {v[0]: "retired", v[1]: "retired", v[2]: "deployed", v[3]: "candidate",
-                      v[4]: "candidate"}
+    assert states == {
+        v[0]: "retired",
+        v[1]: "retired",
+        v[2]: "deployed",
+        v[3]: "candidate",
+        v[4]: "candidate",
+    }
     assert s.rollback_target() == v[1]
     with pytest.raises(sqlite.IntegrityError):  # the schema itself forbids two deployed
         s._conn.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (v[3],))
     s.update_model(v[3], state="rejected", meta={"decision": "reject", "reasons": ["worse"]})
     info, _ = s.get_model(v[3])
-    assert info["state"] == "rejected" and info["meta"] == {"n": 3, "decision": "reject",
-                                                            "reasons": ["worse"]}
+    assert info["state"] == "rejected" and info["meta"] == {
+        "n": 3,
+        "decision": "reject",
+        "reasons": ["worse"],
+    }
     with pytest.raises(ValueError):
         s.update_model(v[3], state="deployed")
     with pytest.raises(PalateError) as ei:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapter_harness import adapter_env, write_config
 from conftest import DaemonProc
-from palate.supervisor import Supervisor
+from palate.runtime.supervisor import Supervisor
 
 
 def _supervisor(home: Path, names: list[str], **kw: float) -> Supervisor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palate.blas import ensure_fast_blas
+from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
@@ -14,10 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from conftest import missing  # noqa: E402
-from palate.batching import PairExample, RatingExample, bucket_batches, encode_examples  # noqa: E402
-from palate.reward_model import LoraConfig, RewardModel  # noqa: E402
-from palate.scoring import Scorer, group_rewards, make_streams  # noqa: E402
-from palate.training import (  # noqa: E402
+from palate.model.batching import PairExample, RatingExample, bucket_batches, encode_examples  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
+from palate.model.scoring import Scorer, group_rewards, make_streams  # noqa: E402
+from palate.model.training import (  # noqa: E402
     ProgressEvent,
     TrainConfig,
     build_prefix_cache,
@@ -119,7 +119,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_de
 
 @pytest.mark.slow
 def test_real_embedded_model_few_steps_reduce_loss() -> None:
-    from palate.base_model import load_base_model
+    from palate.model.base_model import load_base_model
 
     if not DATA.exists():
         missing("shared data not present")

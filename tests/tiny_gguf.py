@@ -138,5 +138,3 @@ def write_gguf(
     }
     mx.save_gguf(str(path), tensors, meta)
     return path
-
-

@@ -13,7 +13,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from palate.batching import PairExample
+from palate.model.batching import PairExample
 
 WORDS = [f"w{i}" for i in range(48)]
 MARKER = "zz"
@@ -41,7 +41,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 @dataclass
 class TinyBase:
-    """Quacks like palate.base_model.BaseModel for the fields the model code uses."""
+    """Quacks like palate.model.base_model.BaseModel for the fields the model code uses."""
 
     model: Any
     tokenizer: Any

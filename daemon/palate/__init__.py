@@ -1,7 +1,7 @@
 """Palate: a private, per-user daemon that learns a personal reward model.
 
 The package is a library first: every part (protocol, events, store, keys, model)
-is usable without the daemon, and the CLI (`palate.cli`) is a thin layer on top.
+is usable without the daemon, and the CLI (`palate.cli.main`) is a thin layer on top.
 """
 
 import os

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import PalateError
-from .paths import Paths
+from palate.errors import PalateError
+from palate.paths import Paths
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,9 +139,9 @@ class Config:
     idle_unload_s: float = 900.0
     """Seconds without a score request after which the model is unloaded (memory back)."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Overrides of training knobs ([train] table; keys of palate.training.TrainConfig)."""
+    """Overrides of training knobs ([train] table; keys of palate.model.training.TrainConfig)."""
     gate: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the gate policy ([gate] table; keys of palate.gate.GatePolicy)."""
+    """Overrides of the gate policy ([gate] table; keys of palate.evaluation.gate.GatePolicy)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """When training runs by itself and what it waits for ([schedule] table)."""
 

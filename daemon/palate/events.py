@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PalateError, brief
+from palate.errors import PalateError, brief
 
 SCHEMA_VERSION = 1
 KINDS = ("pair", "rating", "edit", "ranking")

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PalateError
+from palate.errors import PalateError
 
 #: Usable bytes in ``sun_path``: 104 on macOS (103 + NUL), 108 on Linux. We use the
 #: smaller everywhere so a path that works here also works on a Mac.

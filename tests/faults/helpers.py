@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import PALATE
-from palate.keys import KeyManager, zero
 from palate.paths import Paths
-from palate.store import Store
+from palate.store.database import Store
+from palate.store.keys import KeyManager, zero
 
 #: No nightly run may start by itself in the middle of a fault test (a training child
 #: importing MLX would also skew every timing on two cores).

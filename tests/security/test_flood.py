@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProc, module_daemon
-from palate import protocol
+from palate.wire import protocol
 
 FLOODER = Path(__file__).with_name("flooder.py")
 #: Worst acceptable answer time for the good client, per call (connect + request + answer).

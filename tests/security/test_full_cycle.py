@@ -32,7 +32,7 @@ import pytest
 
 from conftest import DaemonProc, daemon_env
 from palate.errors import PalateError
-from palate.keys import KeyManager
+from palate.store.keys import KeyManager
 from security.pages import decrypted_db, decrypted_wal
 from test_canary import encodings, scan
 from test_lifecycle import marker_pairs, train

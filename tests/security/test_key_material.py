@@ -25,8 +25,8 @@ import pytest
 
 from conftest import PALATE, DaemonProc
 from palate.errors import PalateError
-from palate.keys import KeyManager, decode_recovery
 from palate.paths import resolve
+from palate.store.keys import KeyManager, decode_recovery
 
 
 def forms(secret: bytes) -> dict[str, bytes]:
@@ -67,7 +67,7 @@ def keys_now(env: dict[str, str], home: Path) -> tuple[bytes, bytes]:
     """(DEK, current KEK), read from where the backend keeps them. In a child: the keyring
     backend must see the test's private Secret Service environment."""
     code = (
-        "import sys, base64; from palate.keys import KeyManager; from palate.paths import "
+        "import sys, base64; from palate.store.keys import KeyManager; from palate.paths import "
         "resolve; from pathlib import Path; km = KeyManager(resolve(Path(sys.argv[1]))); "
         "doc = km._require(); kek = km._backend(doc['backend']).get(doc['ref']); "
         "print(base64.b64encode(bytes(km.unwrap())).decode(), base64.b64encode(kek).decode())"
@@ -221,7 +221,7 @@ def _fails_to_start(home: Path, env: dict[str, str], outputs: list[tuple[str, st
 
 def _set_kek(env: dict[str, str], home: Path, kek: bytes) -> None:
     code = (
-        "import sys, base64; from palate.keys import KeyManager; from palate.paths import "
+        "import sys, base64; from palate.store.keys import KeyManager; from palate.paths import "
         "resolve; from pathlib import Path; km = KeyManager(resolve(Path(sys.argv[1]))); "
         "doc = km._require(); km._backend(doc['backend']).put(doc['ref'], "
         "base64.b64decode(sys.argv[2]))"

@@ -46,10 +46,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
-from ..client import Client
-from ..errors import PalateError
-from ..events import MAX_BATCH, validate_event
-from .redaction import Redactor
+from palate.adapters.redaction import Redactor
+from palate.errors import PalateError
+from palate.events import MAX_BATCH, validate_event
+from palate.wire.client import Client
 
 #: Entry-point group; the suffix is the hook-spec version.
 ENTRY_POINT_GROUP = "palate.adapters.v1"
@@ -59,7 +59,7 @@ API_VERSION = 1
 #: Tests set it so nothing installed outside the repository changes results.
 THIRD_PARTY_ENV = "PALATE_THIRD_PARTY_ADAPTERS"
 #: Events per ``ingest_batch`` and text characters per batch (x4 worst-case UTF-8
-#: stays under the 4 MiB frame limit), as in palate.feedback.
+#: stays under the 4 MiB frame limit), as in palate.adapters.file_import.
 BATCH_EVENTS = 500
 BATCH_CHARS = 800_000
 #: Options every adapter accepts; an adapter's own ``options`` come on top.

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..events import MAX_FUTURE_S, MIN_TS
+from palate.events import MAX_FUTURE_S, MIN_TS
 
 CURSOR = "<|cursor|>"
 DEFAULT_PREFIX_CHARS = 6000

@@ -29,9 +29,9 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import AdapterContext, Candidate
-from .code_context import code_prompt, context, local_path, nonblank, parse_ts
-from .tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
+from palate.adapters import AdapterContext, Candidate
+from palate.adapters.code_context import code_prompt, context, local_path, nonblank, parse_ts
+from palate.adapters.tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
 
 EVENTS = ("autocomplete", "editOutcome", "chatFeedback")
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,80}$")

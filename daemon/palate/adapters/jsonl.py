@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..events import from_simple
-from ..paths import default_home
-from . import AdapterContext, Candidate
-from .code_context import language_of, local_path
-from .tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
+from palate.adapters import AdapterContext, Candidate
+from palate.adapters.code_context import language_of, local_path
+from palate.adapters.tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
+from palate.events import from_simple
+from palate.paths import default_home
 
 EDITOR_KEYS = ("file", "app", "language", "task", "accepted")
 

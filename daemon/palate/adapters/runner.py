@@ -24,11 +24,11 @@ import traceback
 from types import FrameType
 from typing import IO
 
-from ..config import load_config
-from ..errors import PalateError
-from ..paths import resolve
-from . import AdapterContext, AdapterError, check_options, load_adapter, stderr_logger
-from .redaction import Redactor
+from palate.adapters import AdapterContext, AdapterError, check_options, load_adapter, stderr_logger
+from palate.adapters.redaction import Redactor
+from palate.config import load_config
+from palate.errors import PalateError
+from palate.paths import resolve
 
 EXIT_CRASHED = 1
 EXIT_LOAD_FAILED = 78

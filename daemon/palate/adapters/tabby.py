@@ -33,9 +33,9 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import AdapterContext, Candidate
-from .code_context import code_prompt, context, nonblank, parse_ts
-from .tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
+from palate.adapters import AdapterContext, Candidate
+from palate.adapters.code_context import code_prompt, context, nonblank, parse_ts
+from palate.adapters.tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
 
 MAX_PENDING = 256
 VIEW_EXPIRY_MS = 3_600_000

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
-from . import BATCH_EVENTS, AdapterContext, Candidate
+from palate.adapters import BATCH_EVENTS, AdapterContext, Candidate
 
 Options = Mapping[str, "type | tuple[type, ...]"]
 

@@ -41,10 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..paths import default_home
-from . import AdapterContext, Candidate
-from .code_context import parse_ts
-from .tailing import BadRecord, DocumentParser, Line, Options, RecordParser, TailingAdapter, expand
+from palate.adapters import AdapterContext, Candidate
+from palate.adapters.code_context import parse_ts
+from palate.adapters.tailing import (
+    BadRecord,
+    DocumentParser,
+    Line,
+    Options,
+    RecordParser,
+    TailingAdapter,
+    expand,
+)
+from palate.paths import default_home
 
 W_EXPLICIT = 1.0
 W_INTERRUPTED = 0.3

@@ -1,0 +1,256 @@
+"""``palate models``, ``report``, ``deploy``, ``rollback`` and ``rerank``: the registry's versions
+and the deployed model they serve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from palate.cli.common import emit, handles_errors, json_option
+from palate.errors import PalateError
+from palate.wire.client import Client
+
+# --- models -----------------------------------------------------------------------------
+
+
+def _model_row(m: dict[str, Any]) -> dict[str, Any]:
+    """The stable JSON shape of one version (docs/cli.md): meta's gate keys lifted up."""
+    meta = m.get("meta", {})
+    return {
+        "version": m["version"],
+        "state": m["state"],
+        "created": m["created"],
+        "base_model": m["base_model"],
+        "metrics": meta.get("metrics", {}),
+        "decision": meta.get("decision"),
+        "reasons": meta.get("reasons", []),
+        "size_bytes": m.get("size_bytes"),
+    }
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+@click.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+@handles_errors
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List model versions: state, accuracy, gate decision. `palate models show V` for one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with Client() as c:
+        data = c.call("models")
+    rows = [_model_row(m) for m in data["models"]]
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            click.echo("no models yet: train one with `palate train`")
+            return
+        click.echo(f"{'version':>7}  {'state':<9}  {'created':<16}  {'accuracy':>8}  decision")
+        for r in rows:
+            acc = r["metrics"].get("accuracy")
+            acc_s = f"{acc:.1%}" if isinstance(acc, (int, float)) else "-"
+            click.echo(
+                f"{r['version']:>7}  {r['state']:<9}  {_when(r['created']):<16}  "
+                f"{acc_s:>8}  {r['decision'] or '-'}"
+            )
+
+    emit(rows, as_json, human)
+
+
+@models.command("show")
+@click.argument("version", type=int)
+@json_option
+@handles_errors
+def models_show(version: int, as_json: bool) -> None:
+    """Show one version: metrics, gate decision with every reason, training summary."""
+    with Client() as c:
+        info = c.call("models", {"version": version})["model"]
+    row = {**_model_row(info), "meta": info["meta"]}
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"version   {r['version']} ({r['state']}), created {_when(r['created'])}")
+        click.echo(f"base      {r['base_model']}")
+        for k, v in sorted(r["metrics"].items()):
+            if isinstance(v, (int, float, str)):
+                click.echo(f"  {k:<24} {v:.4g}" if isinstance(v, float) else f"  {k:<24} {v}")
+        click.echo(f"decision  {r['decision'] or '-'}")
+        for reason in r["reasons"]:
+            click.echo(f"  - {reason}")
+
+    emit(row, as_json, human)
+
+
+@click.command()
+@click.argument("version", type=int, required=False)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write report-vN.html into (created; the file is 0600).",
+)
+@json_option
+@handles_errors
+def report(version: int | None, out_dir: Path, as_json: bool) -> None:
+    """Write a self-contained HTML report of model VERSION (default: the newest).
+
+    Plots (loss curves, accuracy by slice with CIs next to the baselines and the deployed
+    model, reliability diagram, score vs length) and the gate's decision with every reason.
+    It holds numbers only: no text of your feedback.
+    """
+    from palate.evaluation.report import render_report, write_report
+
+    with Client() as c:
+        listing = c.call("models")
+        if not listing["models"]:
+            raise PalateError("not_found", "no models yet: train one with `palate train`")
+        v = version if version is not None else listing["models"][0]["version"]
+        info = c.call("models", {"version": v})["model"]
+    meta = info["meta"]
+    if "metrics" not in meta:
+        raise PalateError("not_found", f"version {v} has no evaluation to report")
+    history = [
+        {
+            "version": m["version"],
+            "created": m["created"],
+            "state": m["state"],
+            "metrics": m["meta"].get("metrics", {}),
+            "decision": m["meta"].get("decision"),
+        }
+        for m in listing["models"]
+    ]
+    decision = {
+        "action": meta.get("decision"),
+        "reasons": meta.get("reasons", []),
+        "checks": meta.get("checks", []),
+    }
+    html = render_report(
+        meta["metrics"],
+        decision,
+        history,
+        deployed_metrics=meta.get("deployed_metrics"),
+        train_curves=meta.get("training", {}).get("history"),
+        title=f"Palate model version {v}",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_report(out_dir / f"report-v{v}.html", html)
+    emit({"path": str(path), "version": v}, as_json, lambda d: click.echo(f"wrote {d['path']}"))
+
+
+@click.command()
+@click.argument("version", type=int)
+@click.option(
+    "--override",
+    is_flag=True,
+    help="Deploy even though the gate held or rejected it (recorded as an override).",
+)
+@click.option("--reason", help="Why, for the history.")
+@json_option
+@handles_errors
+def deploy(version: int, override: bool, reason: str | None, as_json: bool) -> None:
+    """Deploy model VERSION now (the daemon's scorer switches to it at once)."""
+    params: dict[str, Any] = {"version": version, "override": override}
+    if reason:
+        params["reason"] = reason
+    with Client() as c:
+        res = c.call("deploy", params)
+    emit(
+        res,
+        as_json,
+        lambda d: click.echo(
+            f"deployed version {d['deployed']} (previously {d['previous'] or 'none'})"
+        ),
+    )
+
+
+@click.command()
+@click.option("--reason", help="Why, for the history.")
+@json_option
+@handles_errors
+def rollback(reason: str | None, as_json: bool) -> None:
+    """Go back to the version that was deployed before the current one."""
+    with Client() as c:
+        res = c.call("rollback", {"reason": reason} if reason else {})
+    emit(
+        res,
+        as_json,
+        lambda d: click.echo(f"rolled back to version {d['deployed']} (was {d['previous']})"),
+    )
+
+
+# --- scoring ------------------------------------------------------------------------------
+
+
+def read_candidates(path: Path) -> list[str]:
+    """Candidates from a file: JSONL (a JSON string, or an object with ``text``,
+    ``response`` or ``candidate``, per line) or, for any other suffix, one per line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PalateError("not_found", f"cannot read {path}: {e}") from e
+    out: list[str] = []
+    structured = path.suffix in (".jsonl", ".json")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not structured:
+            out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PalateError("invalid_request", f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("text", "response", "candidate") if k in obj), None)
+        if not isinstance(obj, str):
+            raise PalateError(
+                "invalid_request",
+                f"{path}:{n}: expected a JSON string or an "
+                'object with "text", "response" or "candidate"',
+            )
+        out.append(obj)
+    if not out:
+        raise PalateError("invalid_request", f"{path} holds no candidates")
+    return out
+
+
+@click.command()
+@click.argument("prompt")
+@click.option(
+    "--candidates",
+    "cand_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File of candidates: JSONL (strings or {text: ...}) or plain lines.",
+)
+@click.option("--top-k", type=int, help="Show only the best K.")
+@json_option
+@handles_errors
+def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> None:
+    """Order candidate responses to PROMPT by what you prefer (the deployed model decides)."""
+    cands = read_candidates(cand_file)
+    with Client() as c:
+        res = c.rerank(prompt, cands, top_k=top_k)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(
+            f"model version {d['version']}; "
+            f"{'confident' if d['confident'] else 'NOT confident'} "
+            f"(p(best > runner-up) = {d['p_top_over_next']:.2f})"
+        )
+        for rank, r in enumerate(d["ranked"], 1):
+            text = cands[r["index"]].replace("\n", " ")
+            click.echo(
+                f"{rank:>3}. [{r['index']}] p_best={r['p_best']:.2f} "
+                f"score={r['score']:+.3f}  {text[:80]}"
+            )
+
+    emit(res, as_json, human)

@@ -1,0 +1,287 @@
+"""Scoring: raw rewards, z-scores and calibrated preference probabilities.
+
+``Scorer.score(prompt, responses)`` runs all candidates of one prompt in one grouped forward
+(the prompt computed once). A response's score does not depend on its neighbours: each
+response is truncated on its own, and right padding never reaches a real token under causal
+attention, so a score alone and in a padded batch agree to float rounding (tested, 1e-4).
+
+Calibration: the reward difference of a pair is a logit under Bradley-Terry, so
+``p(a > b) = sigmoid((r_a - r_b) / T)`` with ``T`` fitted on validation pairs by minimising
+their log loss. Scores are also reported as ``z = (r - mean) / std`` over validation rewards,
+so thresholds mean the same across retrains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from palate.model.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+except ImportError:  # pragma: no cover
+    pass
+
+import mlx.core as mx
+import numpy as np
+
+from palate.model.batching import (
+    Batch,
+    EncodedGroup,
+    bucket_batches,
+    collate,
+    split_batch,
+)
+from palate.model.cpu_forward import CpuEngine, cpu_engine_unsupported, default_threads
+from palate.model.reward_model import (
+    Messages,
+    RewardModel,
+    configure_cpu_threads,
+    encode_prompt_responses,
+    truncate_group,
+)
+
+__all__ = [
+    "Calibration",
+    "ScoreResult",
+    "Scorer",
+    "batch_arrays",
+    "group_rewards",
+    "make_streams",
+    "use_cpu_engine",
+]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Score normalisation and temperature, stored in the artifact."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    temperature: float = 1.0
+
+    def z(self, r: np.ndarray) -> np.ndarray:
+        return (r - self.mean) / max(self.std, 1e-8)
+
+    def prob(self, r_a: float, r_b: float) -> float:
+        """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
+        x = (r_a - r_b) / self.temperature
+        return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
+
+
+def make_streams(n: int) -> list[Any]:
+    """``n`` CPU/GPU streams for data-parallel shards (one is the default stream)."""
+    if n <= 1:
+        return [mx.default_stream(mx.default_device())]
+    return [mx.new_stream(mx.default_device()) for _ in range(n)]
+
+
+def batch_arrays(b: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    return (
+        mx.array(b.prompt),
+        mx.array(b.prompt_len),
+        mx.array(b.response),
+        mx.array(b.response_len),
+        mx.array(b.group),
+    )
+
+
+def use_cpu_engine(model: RewardModel, wanted: bool = True) -> bool:
+    """Whether gradient-free passes of ``model`` should run on :class:`CpuEngine`: on the
+    CPU device, for architectures it implements (see palate.model.cpu_forward)."""
+    return (
+        wanted
+        and os.environ.get("PALATE_CPU_FORWARD", "1") != "0"
+        and mx.default_device() == mx.cpu
+        and cpu_engine_unsupported(model) is None
+    )
+
+
+def group_rewards(
+    model: RewardModel,
+    groups: Sequence[EncodedGroup],
+    token_budget: int,
+    streams: Sequence[Any],
+    hidden: Sequence[tuple[np.ndarray, list[np.ndarray]]] | None = None,
+    engine: CpuEngine | None = None,
+) -> list[np.ndarray]:
+    """Rewards of every response of every group, in order (one array per group).
+
+    With ``hidden`` (the frozen-prefix cache) only the blocks above ``model.split`` run.
+    With ``engine`` (a numpy snapshot of ``model``) the forward runs there instead of MLX.
+    """
+    start = model.split if hidden is not None else 0
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(groups)
+    for index in bucket_batches(groups, token_budget):
+        if engine is not None:
+            b = collate(groups, index, hidden)
+            r_np = engine.forward_groups(
+                b.prompt, b.prompt_len, b.response, b.response_len, b.group, start=start
+            )
+            assert isinstance(r_np, np.ndarray)
+            results: list[tuple[list[int], Any]] = [(list(index), r_np)]
+        else:
+            results = []
+            shards = split_batch(index, groups, len(streams))
+            for shard, stream in zip(shards, streams, strict=False):
+                with mx.stream(stream):
+                    r = model.forward_groups(
+                        *batch_arrays(collate(groups, shard, hidden)), start=start
+                    )
+                results.append((shard, r))
+            mx.eval([r for _, r in results])
+        for shard, r in results:
+            vals = np.array(r, dtype=np.float32)
+            pos = 0
+            for i in shard:
+                k = len(groups[i].responses)
+                out[i] = vals[pos : pos + k]
+                pos += k
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores of the candidates of one prompt, in input order."""
+
+    raw: list[float]
+    z: list[float]
+    truncated: list[bool]
+
+
+class Scorer:
+    """Scores responses with a trained reward model.
+
+    Not thread-safe: one thread owns MLX in the daemon (see DESIGN.md, scorer).
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        tokenizer: Any,
+        max_tokens: int,
+        calibration: Calibration | None = None,
+        token_budget: int = 4096,
+        n_streams: int = 1,
+        cpu_forward: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.calibration = calibration or Calibration()
+        self.token_budget = token_budget
+        if n_streams > 1:
+            configure_cpu_threads(n_streams)
+        self.streams = make_streams(n_streams)
+        #: On CPU, scoring runs on a numpy snapshot of the weights (several times faster
+        #: than MLX's CPU kernels); the model must not change after the Scorer is built.
+        self.engine: CpuEngine | None = (
+            CpuEngine(model, threads=default_threads())
+            if use_cpu_engine(model, cpu_forward)
+            else None
+        )
+
+    def encode(
+        self, prompt: str | Messages, responses: Sequence[str]
+    ) -> tuple[list[EncodedGroup], list[tuple[int, int]]]:
+        """Groups for one prompt, and (group, row) of each response in input order.
+
+        Each response is truncated alone, so no score depends on another candidate's length;
+        responses whose truncated prompts coincide (the usual case) share one group.
+        """
+        p_ids, r_ids = encode_prompt_responses(self.tokenizer, prompt, responses)
+        groups: list[EncodedGroup] = []
+        by_cut: dict[int, int] = {}
+        slots: list[tuple[int, int]] = []
+        for r in r_ids:
+            p, (rr,), trunc = truncate_group(p_ids, [r], self.max_tokens)
+            cut = trunc.prompt_tokens_cut
+            if cut not in by_cut:
+                by_cut[cut] = len(groups)
+                groups.append(
+                    EncodedGroup(prompt=np.asarray(p, dtype=np.int32), responses=[], kind="score")
+                )
+            g = groups[by_cut[cut]]
+            g.responses.append(np.asarray(rr, dtype=np.int32))
+            if trunc.truncated:
+                g.truncation = trunc
+            slots.append((by_cut[cut], len(g.responses) - 1))
+        return groups, slots
+
+    def _run(
+        self, requests: Sequence[tuple[str | Messages, Sequence[str]]]
+    ) -> list[tuple[np.ndarray, list[bool]]]:
+        groups: list[EncodedGroup] = []
+        slots: list[list[tuple[int, int]]] = []
+        for prompt, responses in requests:
+            gs, sl = self.encode(prompt, responses)
+            slots.append([(len(groups) + g, j) for g, j in sl])
+            groups.extend(gs)
+        rewards = group_rewards(
+            self.model, groups, self.token_budget, self.streams, engine=self.engine
+        )
+        out = []
+        for sl in slots:
+            raw = np.array([rewards[g][j] for g, j in sl], dtype=np.float32)
+            out.append((raw, [groups[g].truncation.truncated for g, _ in sl]))
+        return out
+
+    def raw_scores(self, prompt: str | Messages, responses: Sequence[str]) -> np.ndarray:
+        """Raw rewards (N,) for the responses to one prompt."""
+        if not responses:
+            return np.zeros(0, dtype=np.float32)
+        return self._run([(prompt, responses)])[0][0]
+
+    def score(self, prompt: str | Messages, responses: Sequence[str]) -> ScoreResult:
+        """Raw and z-normalised scores of each response, and whether it was truncated."""
+        if not responses:
+            return ScoreResult(raw=[], z=[], truncated=[])
+        raw, truncated = self._run([(prompt, responses)])[0]
+        return ScoreResult(
+            raw=[float(x) for x in raw],
+            z=[float(x) for x in self.calibration.z(raw)],
+            truncated=truncated,
+        )
+
+    def score_many(
+        self, requests: Sequence[tuple[str | Messages, Sequence[str]]]
+    ) -> list[ScoreResult]:
+        """:meth:`score` for several requests in one batched pass (the daemon's
+        micro-batching); each result equals what :meth:`score` gives that request alone."""
+        out: list[ScoreResult] = []
+        nonempty = [(p, r) for p, r in requests if r]
+        results = iter(self._run(nonempty)) if nonempty else iter(())
+        for _, responses in requests:
+            if not responses:
+                out.append(ScoreResult(raw=[], z=[], truncated=[]))
+                continue
+            raw, truncated = next(results)
+            out.append(
+                ScoreResult(
+                    raw=[float(x) for x in raw],
+                    z=[float(x) for x in self.calibration.z(raw)],
+                    truncated=truncated,
+                )
+            )
+        return out
+
+    def score_pairs(
+        self, items: Sequence[tuple[str | Messages, str, str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rewards (a, b) for many (prompt, a, b) triples, batched across prompts; equal to
+        what :meth:`score` gives one request at a time."""
+        if not items:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+        res = self._run([(p, [a, b]) for p, a, b in items])
+        return (
+            np.array([r[0][0] for r in res], dtype=np.float32),
+            np.array([r[0][1] for r in res], dtype=np.float32),
+        )
+
+    def prob(self, r_a: float, r_b: float) -> float:
+        """Calibrated p(a preferred over b) from two raw scores."""
+        return self.calibration.prob(r_a, r_b)

@@ -1,0 +1,526 @@
+"""Training loop: examples in, a calibrated reward model out.
+
+``train_reward_model(examples, config, progress=...)`` is the one entry point (the CLI's
+``palate train --data`` and the daemon's store-backed training child both call it).
+
+Where the time goes, and what this loop does about it (2-core CPU, SmolLM2-135M):
+
+- *Frozen-prefix cache.* LoRA sits on the top K blocks only, so the lower blocks compute
+  the same activations every epoch. They run once per example; their outputs (prompt once per
+  group, float16 to halve memory) are kept and every step trains only the top blocks. Exact up
+  to the storage rounding (tested against the uncached path).
+- *Prompt-grouped batches* (reward_model.py): the shared prompt of a pair is computed once.
+- *Two CPU streams*: each batch is split into shards that run on parallel MLX streams with a
+  single-threaded BLAS each, keeping both cores busy through MLX's single-threaded
+  element-wise kernels. The shards' losses share one normaliser, so their summed gradients
+  are exactly the whole batch's gradient.
+
+Everything random (LoRA init, head init, batch order) follows ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+try:
+    from palate.model.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+except ImportError:  # pragma: no cover
+    pass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map, tree_unflatten
+
+from palate.evaluation.metrics import fit_temperature
+from palate.model.batching import (
+    EncodedGroup,
+    Example,
+    PairExample,
+    TruncationStats,
+    bucket_batches,
+    collate,
+    encode_examples,
+    split_batch,
+    split_key,
+)
+from palate.model.cpu_forward import CpuEngine, default_threads
+from palate.model.losses import LossInputs, preference_loss
+from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads
+from palate.model.scoring import (
+    Calibration,
+    batch_arrays,
+    group_rewards,
+    make_streams,
+    use_cpu_engine,
+)
+
+__all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train_reward_model"]
+
+Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every training knob, with its default and reason (``palate train --help`` shows these)."""
+
+    base_model: str = _f("builtin:smollm2-135m", "base model spec (builtin:, .gguf, dir, hub id)")
+    lora_rank: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha; updates are scaled by alpha/rank")
+    lora_layers: int = _f(4, "top blocks that get LoRA; the blocks below are frozen and cached")
+    lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps the cached path exact)")
+    max_tokens: int = _f(384, "max tokens of prompt+response; the prompt is cut from the left")
+    # 1: on HH data the validation loss was best at the end of epoch 1 and only rose in
+    # epoch 2 (docs/benchmarks.md, Quality), so a second pass cost time for nothing.
+    epochs: int = _f(1, "passes over the training data")
+    min_steps: int = _f(50, "at least this many optimizer steps (extra passes over small data)")
+    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warmup steps before cosine decay")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    batch_tokens: int = _f(4096, "padded tokens per batch (memory bound; length-bucketed)")
+    grad_accum: int = _f(1, "batches per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    center_coef: float = _f(0.01, "reward-centering coefficient (eta * mean r^2)")
+    baseline_momentum: float = _f(0.99, "EMA momentum of the running reward baseline for ratings")
+    val_fraction: float = _f(0.1, "share of prompts held out for validation (hash split)")
+    eval_every: int = _f(50, "validate every N optimizer steps (and at each epoch end)")
+    patience: int = _f(4, "stop after this many validations without val-loss improvement")
+    prefix_cache: bool = _f(True, "cache the frozen lower blocks' outputs once per example")
+    cache_dtype: str = _f("float16", "storage dtype of the cache: float16 or float32")
+    streams: int = _f(2, "parallel MLX streams (CPU cores to keep busy)")
+    cpu_forward: bool = _f(
+        True, "on CPU, run gradient-free passes (prefix cache, validation) in numpy (faster)"
+    )
+    seed: int = _f(0, "seed for init and batch order; same seed, same model")
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            layers=self.lora_layers,
+            dropout=self.lora_dropout,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def help_text(cls) -> dict[str, str]:
+        return {f.name: str(f.metadata.get("help", "")) for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One structured progress report (the daemon logs these; the CLI draws a bar)."""
+
+    phase: str  # "encode" | "cache" | "train" | "validate" | "done"
+    step: int
+    total: int
+    loss: float | None = None
+    acc: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class TrainResult:
+    """The trained model and everything an artifact needs to describe it."""
+
+    model: RewardModel
+    calibration: Calibration
+    config: TrainConfig
+    metrics: dict[str, Any]
+    data_summary: dict[str, Any]
+    truncation: TruncationStats
+    history: list[dict[str, Any]]
+
+
+def _split(examples: Sequence[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    if fraction <= 0 or len(examples) < 20:
+        return list(examples), []
+    train: list[Example] = []
+    val: list[Example] = []
+    for ex in examples:
+        (val if split_key(ex.prompt, "palate-val:") < fraction else train).append(ex)
+    if not train:
+        return list(examples), []
+    return train, val
+
+
+def build_prefix_cache(
+    model: RewardModel,
+    groups: Sequence[EncodedGroup],
+    token_budget: int,
+    streams: Sequence[Any],
+    dtype: str = "float16",
+    progress: Callable[[int, int, int], None] | None = None,
+    engine: CpuEngine | None = None,
+) -> Hidden:
+    """Outputs of the frozen blocks ``[0, model.split)`` for every group, unpadded.
+
+    float16 halves memory (about 0.5 GB for 1.5k HH pairs); a batch whose activations
+    would overflow float16 is kept in float32. With ``engine`` the blocks run in numpy.
+    """
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    out: Hidden = [(np.zeros((0, 0), np.float32), [])] * len(groups)
+    done = 0
+    for index in bucket_batches(groups, token_budget):
+        results: list[tuple[Any, Any, Any]] = []
+        if engine is not None:
+            b = collate(groups, index)
+            hidden = engine.forward_groups(
+                b.prompt, b.prompt_len, b.response, b.response_len, b.group, end=model.split
+            )
+            assert isinstance(hidden, tuple)
+            results.append((index, hidden[0], hidden[1]))
+        else:
+            for shard, stream in zip(
+                split_batch(index, groups, len(streams)), streams, strict=False
+            ):
+                with mx.stream(stream):
+                    hp, hr = model.forward_groups(
+                        *batch_arrays(collate(groups, shard)), start=0, end=model.split
+                    )
+                results.append((shard, hp, hr))
+            mx.eval([(hp, hr) for _, hp, hr in results])
+        for shard, hp, hr in results:
+            hp_np, hr_np = np.asarray(hp), np.asarray(hr)
+            peak = max(float(np.abs(hp_np).max()), float(np.abs(hr_np).max()))
+            store = np_dtype if peak < 60000 else np.float32
+            hp_np, hr_np = hp_np.astype(store), hr_np.astype(store)
+            row = 0
+            for k, i in enumerate(shard):
+                g = groups[i]
+                p = hp_np[k, : len(g.prompt)].copy()
+                rs = []
+                for r in g.responses:
+                    rs.append(hr_np[row, : len(r)].copy())
+                    row += 1
+                out[i] = (p, rs)
+            done += sum(groups[i].cost for i in shard)
+        if progress is not None:
+            progress(done, len(index), sum(groups[i].cost for i in index))
+    return out
+
+
+def _loss_inputs(b: Any) -> LossInputs:
+    return LossInputs(
+        pair_idx=mx.array(b.pair_idx),
+        margin=mx.array(b.margin),
+        pair_weight=mx.array(b.pair_weight),
+        rating_idx=mx.array(b.rating_idx),
+        label=mx.array(b.label),
+        rating_weight=mx.array(b.rating_weight),
+    )
+
+
+def _evaluate(
+    model: RewardModel,
+    groups: Sequence[EncodedGroup],
+    hidden: Hidden | None,
+    config: TrainConfig,
+    streams: Sequence[Any],
+    delta: float,
+) -> tuple[float, float, list[np.ndarray]]:
+    """(mean NLL, accuracy with ties wrong, rewards per group) over ``groups``."""
+    engine = None
+    if use_cpu_engine(model, config.cpu_forward):  # a snapshot of the current weights
+        engine = CpuEngine(model, threads=default_threads())
+    try:
+        rewards = group_rewards(model, groups, config.batch_tokens, streams, hidden, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+    nll, correct, count = 0.0, 0, 0
+    for g, r in zip(groups, rewards, strict=True):
+        if g.kind == "pair":
+            d = float(r[0] - r[1])
+            nll += float(np.logaddexp(0.0, -(d - g.margin)))
+            correct += int(d > 0)
+        else:
+            x = float(r[0] - delta)
+            nll += float(g.label * np.logaddexp(0.0, -x) + (1 - g.label) * np.logaddexp(0.0, x))
+            correct += int(x != 0 and (x > 0) == (g.label > 0.5))
+        count += 1
+    return nll / max(count, 1), correct / max(count, 1), rewards
+
+
+def _schedule(config: TrainConfig, total_steps: int) -> Callable[[mx.array], mx.array]:
+    warm = max(0, min(config.warmup_steps, total_steps // 4))
+    decay = optim.cosine_decay(
+        config.lr, max(1, total_steps - warm), config.lr * config.min_lr_ratio
+    )
+    if warm == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, config.lr, warm), decay], [warm])
+
+
+def _summary(
+    train: Sequence[Example], val: Sequence[Example], groups: Sequence[EncodedGroup]
+) -> dict[str, Any]:
+    n_pairs = sum(isinstance(e, PairExample) for e in [*train, *val])
+    return {
+        "examples": len(train) + len(val),
+        "pairs": n_pairs,
+        "ratings": len(train) + len(val) - n_pairs,
+        "train": len(train),
+        "validation": len(val),
+        "tokens": int(sum(g.cost for g in groups)),
+    }
+
+
+def train_reward_model(
+    examples: Sequence[Example],
+    config: TrainConfig | None = None,
+    progress: ProgressFn | None = None,
+    base: Any | None = None,
+) -> TrainResult:
+    """Train a reward model on in-memory examples and calibrate it.
+
+    ``base`` is a loaded :class:`palate.model.base_model.BaseModel` (loaded from
+    ``config.base_model`` when None). Raises ValueError on an empty or unusable dataset.
+    The model returned has the best validation-loss weights loaded.
+    """
+    config = config or TrainConfig()
+    emit = progress or (lambda e: None)
+    if not examples:
+        raise ValueError("no training examples")
+    if base is None:
+        from palate.model.base_model import load_base_model
+
+        base = load_base_model(config.base_model)
+    t_start = time.monotonic()
+    configure_cpu_threads(config.streams)
+    streams = make_streams(config.streams)
+    train_ex, val_ex = _split(examples, config.val_fraction)
+    emit(ProgressEvent("encode", 0, len(examples), message="tokenizing"))
+    groups, trunc = encode_examples([*train_ex, *val_ex], base.tokenizer, config.max_tokens)
+    train_g, val_g = groups[: len(train_ex)], groups[len(train_ex) :]
+    emit(
+        ProgressEvent(
+            "encode", len(examples), len(examples), message=f"truncated {trunc.to_json()}"
+        )
+    )
+
+    model = RewardModel(base.model, config.lora(), seed=config.seed)
+    hidden: Hidden | None = None
+    start = 0
+    t_cache = time.monotonic()
+    if config.prefix_cache and model.split > 0:
+        total_tok = sum(g.cost for g in groups)
+        t0 = time.monotonic()
+
+        def on_cache(done: int, _n: int, _t: int) -> None:
+            rate = done / max(time.monotonic() - t0, 1e-9)
+            emit(
+                ProgressEvent(
+                    "cache",
+                    done,
+                    total_tok,
+                    tokens_per_s=rate,
+                    eta_s=(total_tok - done) / max(rate, 1e-9),
+                )
+            )
+
+        engine = None
+        if use_cpu_engine(model, config.cpu_forward):
+            engine = CpuEngine(model, threads=default_threads())
+        try:
+            hidden = build_prefix_cache(
+                model, groups, config.batch_tokens, streams, config.cache_dtype, on_cache, engine
+            )
+        finally:
+            if engine is not None:
+                engine.close()
+        start = model.split
+    cache_s = time.monotonic() - t_cache
+    train_h = hidden[: len(train_g)] if hidden is not None else None
+    val_h = hidden[len(train_g) :] if hidden is not None else None
+
+    rng = np.random.default_rng(config.seed)
+    n_batches = len(bucket_batches(train_g, config.batch_tokens))
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    # Small data sets (a user's first weeks of feedback) get more passes: one pass over 100
+    # pairs is ~7 steps, shorter than the warmup. Early stopping still guards against overfit.
+    epochs = max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
+    total_steps = steps_per_epoch * epochs
+    optimizer = optim.AdamW(
+        learning_rate=_schedule(config, total_steps), weight_decay=config.weight_decay
+    )
+
+    def loss_fn(
+        m: RewardModel,
+        arrays: tuple[mx.array, ...],
+        li: LossInputs,
+        delta: float,
+        wn: float,
+        rn: float,
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        rewards = m.forward_groups(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], start)
+        assert not isinstance(rewards, tuple)
+        t = preference_loss(rewards, li, delta, config.center_coef, wn, rn)
+        return t.loss, t.nll_sum, t.correct, rewards.sum()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    delta = 0.0
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, np.ndarray]] | None = None
+    bad_evals = 0
+    step = 0
+    stopped_early = False
+    tokens_done = 0
+    t_train = time.monotonic()
+    win_nll = win_correct = win_count = 0.0
+
+    def validate() -> bool:
+        nonlocal best, bad_evals
+        if not val_g:
+            return False
+        v_loss, v_acc, _ = _evaluate(model, val_g, val_h, config, streams, delta)
+        history.append({"step": step, "val_loss": v_loss, "val_acc": v_acc})
+        emit(ProgressEvent("validate", step, total_steps, loss=v_loss, acc=v_acc))
+        if best is None or v_loss < best[0]:
+            state = {k: np.array(v) for k, v in model.trainable_state().items()}
+            best = (v_loss, step, state)
+            bad_evals = 0
+        else:
+            bad_evals += 1
+        return bad_evals >= config.patience
+
+    accum: Any = None
+    pending = 0
+    for _epoch in range(epochs):
+        batches = bucket_batches(train_g, config.batch_tokens, rng)
+        for b_i, index in enumerate(batches):
+            shards = split_batch(index, train_g, len(streams))
+            wn = float(sum(train_g[i].weight for i in index))
+            rn = float(sum(len(train_g[i].responses) for i in index))
+            outs = []
+            for shard, stream in zip(shards, streams, strict=False):
+                batch = collate(train_g, shard, train_h)
+                with mx.stream(stream):
+                    outs.append(
+                        loss_and_grad(
+                            model, batch_arrays(batch), _loss_inputs(batch), delta, wn, rn
+                        )
+                    )
+                tokens_done += batch.tokens
+            grads = outs[0][1]
+            for o in outs[1:]:
+                grads = tree_map(lambda a, b: a + b, grads, o[1])
+            accum = grads if accum is None else tree_map(lambda a, b: a + b, accum, grads)
+            pending += 1
+            vals = [(o[0][1], o[0][2], o[0][3]) for o in outs]
+            mx.eval(accum, vals)
+            nll = sum(float(v[0]) for v in vals)
+            win_nll += nll
+            win_correct += sum(float(v[1]) for v in vals)
+            win_count += len(index)
+            delta = config.baseline_momentum * delta + (1 - config.baseline_momentum) * (
+                sum(float(v[2]) for v in vals) / rn
+            )
+            if pending < config.grad_accum and b_i < len(batches) - 1:
+                continue
+            if pending > 1:
+                scale = 1.0 / pending
+                accum = tree_map(lambda a, s=scale: a * s, accum)
+            accum, _ = optim.clip_grad_norm(accum, config.max_grad_norm)
+            optimizer.update(model, accum)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            accum, pending = None, 0
+            step += 1
+            elapsed = time.monotonic() - t_train
+            rate = tokens_done / max(elapsed, 1e-9)
+            eta = elapsed / step * (total_steps - step)
+            emit(
+                ProgressEvent(
+                    "train",
+                    step,
+                    total_steps,
+                    loss=win_nll / max(win_count, 1),
+                    acc=win_correct / max(win_count, 1),
+                    tokens_per_s=rate,
+                    eta_s=eta,
+                )
+            )
+            if step % 10 == 0 or step == total_steps:
+                history.append(
+                    {
+                        "step": step,
+                        "train_loss": win_nll / max(win_count, 1),
+                        "train_acc": win_correct / max(win_count, 1),
+                        "lr": float(optimizer.learning_rate),
+                    }
+                )
+                win_nll = win_correct = win_count = 0.0
+            if config.eval_every > 0 and step % config.eval_every == 0 and validate():
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+        if not (config.eval_every > 0 and step % config.eval_every == 0) and validate():
+            stopped_early = True
+            break
+    train_s = time.monotonic() - t_train
+
+    if best is not None:
+        model.update(tree_unflatten([(k, mx.array(v)) for k, v in best[2].items()]))
+        mx.eval(model.parameters())
+    # Calibrate on validation data when there is enough, else (flagged) on training data.
+    calib_g, calib_h, calib_src = (
+        (val_g, val_h, "validation") if len(val_g) >= 8 else (train_g, train_h, "train")
+    )
+    c_loss, c_acc, c_rewards = _evaluate(model, calib_g, calib_h, config, streams, delta)
+    all_r = np.concatenate([r for r in c_rewards]) if c_rewards else np.zeros(1)
+    diffs = np.array(
+        [r[0] - r[1] for g, r in zip(calib_g, c_rewards, strict=True) if g.kind == "pair"],
+    )
+    calibration = Calibration(
+        mean=float(all_r.mean()), std=float(all_r.std() or 1.0), temperature=fit_temperature(diffs)
+    )
+    metrics = {
+        "steps": step,
+        "total_steps": total_steps,
+        "epochs": epochs,
+        "stopped_early": stopped_early,
+        "best_step": best[1] if best else step,
+        "val_loss": best[0] if best else None,
+        "calibration_source": calib_src,
+        "calibration_loss": c_loss,
+        "calibration_acc": c_acc,
+        "running_baseline": delta,
+        "timings_s": {
+            "encode_and_setup": round(t_cache - t_start, 2),
+            "prefix_cache": round(cache_s, 2),
+            "train": round(train_s, 2),
+            "total": round(time.monotonic() - t_start, 2),
+        },
+        "train_tokens_per_s": tokens_done / max(train_s, 1e-9),
+        "trainable_parameters": int(sum(v.size for v in model.trainable_state().values())),
+    }
+    emit(ProgressEvent("done", step, total_steps, loss=c_loss, acc=c_acc))
+    return TrainResult(
+        model=model,
+        calibration=calibration,
+        config=config,
+        metrics=metrics,
+        data_summary={**_summary(train_ex, val_ex, groups), "truncation": trunc.to_json()},
+        truncation=trunc,
+        history=history,
+    )

@@ -1,0 +1,531 @@
+"""The daemon's methods, as plain async functions over the store writer.
+
+The socket server (``server.py``) is a thin transport over this class: it
+decodes a request, calls ``Api.dispatch(method, params)`` and encodes what comes
+back. Parameter checking lives here so every transport enforces the same rules.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from palate import API_LEVEL, __version__
+from palate.errors import PalateError
+from palate.events import MAX_BATCH, validate_event
+from palate.runtime.jobs import TrainingJobs
+from palate.runtime.scheduler import Scheduler
+from palate.runtime.serving import ScoringService, softmax
+from palate.store.database import IngestGroup, Store, export_jsonl
+from palate.store.keys import KeyStatus
+from palate.store.writer import StoreWriter
+from palate.wire.protocol import LIMITS
+
+MIN_API_LEVEL = 1
+#: Scoring limits (docs/protocol.md): candidates per request, characters per text. Texts past
+#: the model's token window are truncated (prompt from the left) and flagged, never refused.
+MAX_CANDIDATES = 32
+MAX_SCORE_TEXT = 50_000
+DEFAULT_SCORE_TIMEOUT_S = 30.0
+#: p(top > runner-up) needed to call a rerank "confident".
+CONFIDENT_P = 0.75
+
+#: How a handler sends notifications to the connection that called it (set per request by
+#: the transport; a no-op elsewhere).
+NOTIFY: contextvars.ContextVar[Callable[[str, Any], None]] = contextvars.ContextVar(
+    "palate_notify", default=lambda method, params: None
+)
+MAX_CURSOR_BYTES = 64 * 1024
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def _param(
+    params: Mapping[str, Any], name: str, types: type | tuple[type, ...], *, required: bool = False
+) -> Any:
+    if name not in params or params[name] is None:
+        if required:
+            raise PalateError("invalid_request", f"missing parameter {name!r}", {"param": name})
+        return None
+    value = params[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise PalateError(
+            "invalid_request", f"parameter {name!r} has the wrong type", {"param": name}
+        )
+    if not isinstance(value, types):
+        raise PalateError(
+            "invalid_request",
+            f"parameter {name!r} has the wrong type ({type(value).__name__})",
+            {"param": name},
+        )
+    if isinstance(value, str) and not _utf8(value):
+        # Invalid UTF-8 arrives as lone surrogates; the store cannot bind them (and a
+        # failed bind inside a transaction would leave the store unusable).
+        raise PalateError(
+            "invalid_request", f"parameter {name!r} is not valid UTF-8", {"param": name}
+        )
+    return value
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _version(params: Mapping[str, Any], *, required: bool = False) -> Any:
+    """A model version: an int; one outside SQLite's 64-bit range cannot exist."""
+    version = _param(params, "version", int, required=required)
+    if version is not None and not -(2**63) <= version < 2**63:
+        raise PalateError("not_found", f"no model version {version}")
+    return version
+
+
+def _no_extra(params: Mapping[str, Any], allowed: set[str]) -> None:
+    extra = [str(k)[:64] for k in params if k not in allowed]
+    if extra:
+        raise PalateError(
+            "invalid_request",
+            f"unknown parameter(s): {', '.join(extra)}",
+            {"unknown": extra, "allowed": sorted(allowed)},
+        )
+
+
+class Api:
+    """Every wire method of api level 1. Stateless apart from the store writer."""
+
+    def __init__(
+        self, writer: StoreWriter, key_status: Callable[[], KeyStatus], socket_path: Path
+    ) -> None:
+        self.writer = writer
+        self.key_status = key_status
+        self.socket_path = socket_path
+        self.started = time.time()
+        self.methods: dict[str, Handler] = {
+            "hello": self.hello,
+            "ingest": self.ingest,
+            "ingest_batch": self.ingest_batch,
+            "status": self.status,
+            "cursors": self.cursors,
+            "forget": self.forget,
+            "export": self.export,
+            "models": self.models,
+            "deploy": self.deploy,
+            "rollback": self.rollback,
+            "train": self.train,
+            "score": self.score,
+            "rerank": self.rerank,
+            "compare": self.compare,
+        }
+        #: The nightly scheduler; set by the daemon.
+        self.scheduler: Scheduler | None = None
+        #: The scorer (one MLX thread); set by the daemon.
+        self.serving: ScoringService | None = None
+        #: Training runs (child processes); set by the daemon.
+        self.jobs: TrainingJobs | None = None
+        #: Adapter supervision snapshot, set by the daemon when it runs adapters.
+        self.adapter_states: Callable[[], list[dict[str, Any]]] = list
+        #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
+        self.on_deploy: list[Callable[[int], Awaitable[None]]] = []
+
+    async def dispatch(self, method: str, params: Mapping[str, Any]) -> Any:
+        handler = self.methods.get(method)
+        if handler is None:
+            raise PalateError(
+                "unknown_method",
+                f"unknown method {method[:64]!r}; this daemon speaks api level {API_LEVEL}",
+                {"methods": sorted(self.methods)},
+            )
+        return await handler(params)
+
+    async def hello(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Handshake: who we are, which api level, which methods, which limits."""
+        _no_extra(params, {"client", "api_level"})
+        _param(params, "client", str)
+        wanted = _param(params, "api_level", int)
+        if wanted is not None and wanted < MIN_API_LEVEL:
+            raise PalateError(
+                "invalid_request",
+                f"api level {wanted} is no longer supported; "
+                f"this daemon supports {MIN_API_LEVEL}..{API_LEVEL}",
+            )
+        return {
+            "name": "palate",
+            "version": __version__,
+            "api_level": API_LEVEL,
+            "min_api_level": MIN_API_LEVEL,
+            "methods": sorted(self.methods),
+            "limits": {**LIMITS, "max_batch_events": MAX_BATCH},
+            "pid": os.getpid(),
+        }
+
+    async def ingest(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """One event; acknowledged only after its durable commit."""
+        _no_extra(params, {"event"})
+        event = validate_event(_param(params, "event", dict, required=True))
+        (result,) = await self.writer.ingest(IngestGroup([event]))
+        return result.to_wire()
+
+    async def ingest_batch(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Many events (and an adapter cursor) committed atomically: all or none."""
+        _no_extra(params, {"events", "cursor"})
+        raw = _param(params, "events", (list, tuple), required=True)
+        if not raw:
+            raise PalateError("invalid_request", "events must not be empty")
+        if len(raw) > MAX_BATCH:
+            raise PalateError(
+                "too_large",
+                f"a batch holds at most {MAX_BATCH} events, got {len(raw)}; split it",
+                {"max_batch_events": MAX_BATCH},
+            )
+        events, errors = [], []
+        now = time.time()
+        for i, obj in enumerate(raw):
+            try:
+                events.append(validate_event(obj, now=now, index=i))
+            except PalateError as e:
+                errors.extend(e.details.get("errors", []))
+        if errors:
+            raise PalateError(
+                "invalid_event",
+                f"batch rejected, nothing stored: {errors[0]['field']} {errors[0]['reason']}"
+                + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+                {"errors": errors},
+            )
+        cursor = self._cursor(params.get("cursor"))
+        results = await self.writer.ingest(IngestGroup(events, cursor))
+        dup = sum(r.duplicate for r in results)
+        return {
+            "accepted": len(results) - dup,
+            "duplicates": dup,
+            "results": [r.to_wire() for r in results],
+        }
+
+    @staticmethod
+    def _cursor(obj: Any) -> dict[str, Any] | None:
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise PalateError("invalid_request", "cursor must be a map {adapter, key, value}")
+        _no_extra(obj, {"adapter", "key", "value"})
+        adapter = _param(obj, "adapter", str, required=True)
+        key = _param(obj, "key", str, required=True)
+        if not adapter or len(adapter) > 64 or not key or len(key) > 1024:
+            raise PalateError(
+                "invalid_request",
+                "cursor adapter (1-64 chars) and key (1-1024 chars) must be non-empty strings",
+            )
+        if "value" not in obj:
+            raise PalateError("invalid_request", "cursor needs a value")
+        from palate.wire.protocol import pack
+
+        try:
+            packed = pack(obj["value"])
+        except UnicodeEncodeError:
+            raise PalateError("invalid_request", "cursor value is not valid UTF-8") from None
+        if len(packed) > MAX_CURSOR_BYTES:
+            raise PalateError("too_large", f"cursor value exceeds {MAX_CURSOR_BYTES} bytes")
+        return {"adapter": adapter, "key": key, "value": obj["value"]}
+
+    async def cursors(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The cursors an adapter committed, so it resumes where its last batch ended."""
+        _no_extra(params, {"adapter"})
+        adapter = _param(params, "adapter", str, required=True)
+        return {
+            "adapter": adapter,
+            "cursors": await self.writer.call(lambda s: s.get_cursors(adapter)),
+        }
+
+    async def status(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        _no_extra(params, set())
+
+        def read(s: Store) -> dict[str, Any]:
+            return {
+                "events": s.counts(),
+                "db": {
+                    "path": str(s.path),
+                    "size_bytes": s.size_bytes(),
+                    "schema_version": s.schema_version(),
+                },
+            }
+
+        info = await self.writer.call(read)
+        key = self.key_status()  # read fresh: `palate key rotate` may have run since start
+        return {
+            **info,
+            "adapters": self.adapter_states(),
+            "schedule": await self.scheduler.snapshot() if self.scheduler else None,
+            "scorer": self.serving.status() if self.serving else None,
+            "training": {
+                "current": self.jobs.current.to_wire() if self.jobs and self.jobs.current else None,
+                "last": self.jobs.last.to_wire() if self.jobs and self.jobs.last else None,
+            },
+            "key_backend": key.backend,
+            "key": {k: v for k, v in key.to_dict().items() if k != "key_id"},
+            "daemon": {
+                "version": __version__,
+                "api_level": API_LEVEL,
+                "pid": os.getpid(),
+                "started": self.started,
+                "uptime_s": round(time.time() - self.started, 3),
+                "socket": str(self.socket_path),
+                "commits": self.writer.commits,
+            },
+        }
+
+    async def forget(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Delete events for real (see Store.forget). Needs an explicit selector."""
+        _no_extra(params, {"ids", "source", "since", "until", "all"})
+        ids = _param(params, "ids", (list, tuple))
+        if ids is not None and (not ids or not all(isinstance(i, str) and _utf8(i) for i in ids)):
+            raise PalateError("invalid_request", "ids must be a non-empty array of (UTF-8) strings")
+        source = _param(params, "source", str)
+        since = _param(params, "since", (int, float))
+        until = _param(params, "until", (int, float))
+        everything = bool(_param(params, "all", bool))
+        if everything and any(x is not None for x in (ids, source, since, until)):
+            raise PalateError("invalid_request", "all cannot be combined with other selectors")
+        if not everything and all(x is None for x in (ids, source, since, until)):
+            raise PalateError(
+                "invalid_request", "forget needs a selector: ids, source, since/until, or all=true"
+            )
+        n = await self.writer.call(
+            lambda s: s.forget(
+                ids=list(ids) if ids is not None else None,
+                source=source,
+                since=None if since is None else float(since),
+                until=None if until is None else float(until),
+                everything=everything,
+            )
+        )
+        return {"deleted": n}
+
+    async def export(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Write every event as JSONL to an absolute path the user named."""
+        _no_extra(params, {"path", "overwrite"})
+        raw = _param(params, "path", str, required=True)
+        if "\x00" in raw:
+            raise PalateError("invalid_request", "export path must not contain NUL")
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError:  # ~user of a user that does not exist
+            raise PalateError("not_found", f"cannot expand {raw[:200]!r}: no such user") from None
+        if path.is_absolute() and not path.name:
+            raise PalateError("invalid_request", "export path must name a file, got '/'")
+        overwrite = bool(_param(params, "overwrite", bool))
+        try:
+            n = await self.writer.call(
+                lambda s: export_jsonl(s.iter_events(), path, overwrite=overwrite)
+            )
+        except OSError as e:  # from checking the path (writing maps its own errors)
+            code = "invalid_request" if e.errno == errno.ENAMETOOLONG else "storage_error"
+            raise PalateError(code, f"export to {str(path)[:200]} failed: {e.strerror}") from e
+        return {"path": str(path), "count": n}
+
+    # -- registry --------------------------------------------------------------------
+    async def models(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """All versions (newest first) with their state and metrics, or one with ``version``."""
+        _no_extra(params, {"version"})
+        version = _version(params)
+
+        def read(s: Store) -> dict[str, Any]:
+            if version is not None:
+                info, _ = s.get_model(version)
+                return {"model": info}
+            return {
+                "models": s.list_models(),
+                "deployed": s.deployed_version(),
+                "rollback_target": s.rollback_target(),
+                "deployments": s.deployments(),
+            }
+
+        return await self.writer.call(read)
+
+    async def deploy(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Deploy a version by hand. Anything the gate did not pass needs ``override``."""
+        _no_extra(params, {"version", "override", "reason"})
+        version = _version(params, required=True)
+        override = bool(_param(params, "override", bool))
+        reason = _param(params, "reason", str) or "deployed by the user"
+
+        def run(s: Store) -> int | None:
+            info, _ = s.get_model(version)
+            passed = info["meta"].get("decision") == "deploy"
+            if not passed and not override:
+                state = info["state"]
+                raise PalateError(
+                    "conflict",
+                    f"version {version} is {state} and the gate did not approve it; deploy it "
+                    f"anyway with override (`palate deploy {version} --override`)",
+                    {"state": state, "decision": info["meta"].get("decision")},
+                )
+            return s.deploy_model(
+                version, how="override" if not passed else "manual", reason=reason
+            )
+
+        previous = await self.writer.call(run)
+        await self._deployed(version)
+        return {"deployed": version, "previous": previous}
+
+    async def rollback(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Return to the version that was deployed before the current one."""
+        _no_extra(params, {"reason"})
+        reason = _param(params, "reason", str) or "rollback by the user"
+
+        def run(s: Store) -> tuple[int, int | None]:
+            target = s.rollback_target()
+            if target is None:
+                raise PalateError(
+                    "not_found", "there is no earlier deployed version to roll back to"
+                )
+            return target, s.deploy_model(target, how="rollback", reason=reason)
+
+        target, previous = await self.writer.call(run)
+        await self._deployed(target)
+        return {"deployed": target, "previous": previous}
+
+    async def _deployed(self, version: int) -> None:
+        for hook in self.on_deploy:
+            await hook(version)
+
+    # -- training -------------------------------------------------------------------
+    async def train(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Start a training run now (a child process); with ``wait``, stream ``progress``
+        notifications on this connection and answer when it has finished."""
+        _no_extra(params, {"wait", "reason"})
+        wait = bool(_param(params, "wait", bool))
+        reason = _param(params, "reason", str) or "requested by the user"
+        if self.jobs is None:
+            raise PalateError("unavailable", "this daemon does not run training jobs")
+        job = self.jobs.start(reason)
+        if not wait:
+            return {"job": job.to_wire()}
+        notify = NOTIFY.get()
+
+        def relay(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "progress" and payload.get("job") == job.id:
+                notify("progress", payload)
+
+        self.jobs.listeners.add(relay)
+        try:
+            finished = await self.jobs.wait()
+        finally:
+            self.jobs.listeners.discard(relay)
+        return {"job": (finished or job).to_wire()}
+
+    # -- scoring ----------------------------------------------------------------------
+    def _texts(self, params: Mapping[str, Any], name: str, lo: int) -> list[str]:
+        items = _param(params, name, (list, tuple), required=True)
+        if not lo <= len(items) <= MAX_CANDIDATES:
+            raise PalateError(
+                "too_large" if len(items) > MAX_CANDIDATES else "invalid_request",
+                f"{name} must hold {lo}..{MAX_CANDIDATES} strings, got {len(items)}",
+                {"max_candidates": MAX_CANDIDATES},
+            )
+        for i, t in enumerate(items):
+            self._check_text(t, f"{name}[{i}]")
+        return list(items)
+
+    @staticmethod
+    def _check_text(t: Any, name: str) -> str:
+        if not isinstance(t, str):
+            raise PalateError("invalid_request", f"{name} must be a string", {"param": name})
+        if len(t) > MAX_SCORE_TEXT:
+            raise PalateError(
+                "too_large",
+                f"{name} is {len(t)} characters; the limit is {MAX_SCORE_TEXT}",
+                {"param": name},
+            )
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PalateError(
+                "invalid_request", f"{name} is not valid UTF-8", {"param": name}
+            ) from None
+        return t
+
+    async def _score(
+        self, params: Mapping[str, Any], prompt: str, texts: list[str]
+    ) -> tuple[Any, Any]:
+        if self.serving is None:
+            raise PalateError("unavailable", "this daemon does not serve scores")
+        timeout_ms = _param(params, "timeout_ms", int)
+        timeout = DEFAULT_SCORE_TIMEOUT_S if timeout_ms is None else max(timeout_ms, 1) / 1000
+        return await self.serving.score(prompt, texts, timeout)
+
+    async def score(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Raw and normalised scores of each response, with the version that scored them."""
+        _no_extra(params, {"prompt", "responses", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        responses = self._texts(params, "responses", 1)
+        model, res = await self._score(params, prompt, responses)
+        return {
+            "version": model.version,
+            "scores": res.raw,
+            "z": res.z,
+            "truncated": res.truncated,
+            "temperature": model.temperature,
+        }
+
+    async def rerank(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Candidates best-first, with p_best and whether the winner is clear."""
+        _no_extra(params, {"prompt", "candidates", "top_k", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        cands = self._texts(params, "candidates", 1)
+        top_k = _param(params, "top_k", int)
+        if top_k is not None and top_k < 1:
+            raise PalateError("invalid_request", "top_k must be at least 1")
+        model, res = await self._score(params, prompt, cands)
+        t = max(model.temperature, 1e-6)
+        p_best = softmax([r / t for r in res.raw])
+        order = sorted(range(len(cands)), key=lambda i: (-res.raw[i], i))
+        if len(order) > 1:
+            p_top = 1.0 / (1.0 + math.exp(-(res.raw[order[0]] - res.raw[order[1]]) / t))
+        else:
+            p_top = 1.0
+        ranked = [
+            {
+                "index": i,
+                "score": res.raw[i],
+                "z": res.z[i],
+                "p_best": p_best[i],
+                "truncated": res.truncated[i],
+            }
+            for i in order[: top_k or len(order)]
+        ]
+        return {
+            "version": model.version,
+            "order": order,
+            "scores": res.raw,
+            "z": res.z,
+            "p_best": p_best,
+            "p_top_over_next": p_top,
+            "confident": p_top >= CONFIDENT_P,
+            "ranked": ranked,
+            "truncated": res.truncated,
+        }
+
+    async def compare(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
+        _no_extra(params, {"prompt", "a", "b", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        a = self._check_text(_param(params, "a", str, required=True), "a")
+        b = self._check_text(_param(params, "b", str, required=True), "b")
+        model, res = await self._score(params, prompt, [a, b])
+        t = max(model.temperature, 1e-6)
+        p = 1.0 / (1.0 + math.exp(-max(min((res.raw[0] - res.raw[1]) / t, 700.0), -700.0)))
+        return {
+            "version": model.version,
+            "p_a_over_b": p,
+            "scores": res.raw,
+            "z": res.z,
+            "truncated": res.truncated,
+        }

@@ -1,0 +1,297 @@
+"""One training run from the encrypted store, in its own process.
+
+``python -m palate.runtime.training_child --job ID`` is what the daemon starts (jobs.py). The run:
+
+1. unwraps the key and opens the store (a second connection; WAL lets the daemon keep
+   ingesting meanwhile),
+2. turns every stored event into examples and deals them into train and held-out by a
+   stable hash of the prompt (split.py), so nothing trained on is ever evaluated on,
+3. trains (training.py), reporting progress as JSON lines on stdout,
+4. scores the held-out set and the shipped probes with the candidate AND with the deployed
+   model, evaluates both (evaluation.py) and lets the gate decide (gate.py),
+5. registers the version with its decision in one transaction, deploying it in the next if
+   the gate said so, and prints one ``result`` line.
+
+Killing this process at any point leaves the registry as it was: nothing is written before
+step 5. Stdout carries only JSON lines; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from typing import Any
+
+from palate.model.blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+from palate.config import Config, load_config  # noqa: E402
+from palate.errors import PalateError  # noqa: E402
+from palate.evaluation.gate import Decision, GatePolicy, decide  # noqa: E402
+from palate.evaluation.heldout import (  # noqa: E402
+    Metrics,
+    PairRecord,
+    RatingRecord,
+    evaluate,
+    load_probes,
+)
+from palate.evaluation.split import heldout_status, split_items, split_key  # noqa: E402
+from palate.events import Example, PairExample, RatingExample, to_examples  # noqa: E402
+from palate.model import artifacts  # noqa: E402
+from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
+from palate.model.scoring import Scorer  # noqa: E402
+from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
+from palate.paths import resolve  # noqa: E402
+from palate.store.database import Store  # noqa: E402
+from palate.store.keys import KeyManager, zero  # noqa: E402
+
+#: Pairs scored per call: bounds memory, not results (scores are batch-invariant).
+SCORE_CHUNK = 64
+
+
+def say(kind: str, **payload: Any) -> None:
+    """One JSON line to the daemon. Nothing else may be written to stdout."""
+    sys.stdout.write(json.dumps({"type": kind, **payload}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def on_progress(e: ProgressEvent) -> None:
+    say("progress", **asdict(e))
+
+
+def load_examples(store: Store) -> list[Example]:
+    out: list[Example] = []
+    for event in store.iter_events():
+        out.extend(to_examples(event))
+    return out
+
+
+def score_heldout(
+    scorer: Scorer, pairs: Sequence[PairExample], ratings: Sequence[RatingExample]
+) -> tuple[list[PairRecord], list[RatingRecord]]:
+    """The held-out set as evaluation records, scored by one model."""
+    prs: list[PairRecord] = []
+    for i in range(0, len(pairs), SCORE_CHUNK):
+        chunk = pairs[i : i + SCORE_CHUNK]
+        a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in chunk])
+        for k, p in enumerate(chunk):
+            prs.append(
+                PairRecord(
+                    float(a[k]),
+                    float(b[k]),
+                    len(p.chosen),
+                    len(p.rejected),
+                    source=p.source,
+                    domain=p.domain,
+                    pair_id=f"{p.event_id}:{i + k}",
+                )
+            )
+    rrs = [
+        RatingRecord(
+            float(scorer.raw_scores(r.prompt, [r.response])[0]),
+            r.label,
+            len(r.response),
+            source=r.source,
+            domain=r.domain,
+        )
+        for r in ratings
+    ]
+    return prs, rrs
+
+
+def score_probes(scorer: Scorer) -> list[PairRecord]:
+    probes = load_probes()
+    a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in probes])
+    return [p.record(float(a[i]), float(b[i])) for i, p in enumerate(probes)]
+
+
+def judge(
+    scorer: Scorer,
+    temperature: float,
+    pairs: Sequence[PairExample],
+    ratings: Sequence[RatingExample],
+    deployed_pairs: Sequence[PairRecord] | None = None,
+) -> tuple[Metrics, list[PairRecord]]:
+    prs, rrs = score_heldout(scorer, pairs, ratings)
+    metrics = evaluate(
+        prs,
+        rrs,
+        temperature=temperature,
+        probes=score_probes(scorer),
+        deployed_pairs=deployed_pairs,
+    )
+    return metrics, prs
+
+
+def deployed_scorer(store: Store, base: BaseModel) -> tuple[int, Scorer, float] | None:
+    """The deployed model, rebuilt to be re-scored on tonight's held-out set."""
+    version = store.deployed_version()
+    if version is None:
+        return None
+    _, blob = store.get_model(version)
+    art = artifacts.from_bytes(blob)
+    same_base = art.config["base_model"]["content_hash"] == base.content_hash
+    loaded = artifacts.load_model(art, base if same_base else None)
+    return version, loaded.scorer(), loaded.calibration.temperature
+
+
+def _knobs(cls: type, table: str, overrides: dict[str, Any]) -> Any:
+    """Build a config dataclass from a config.toml table, naming any unknown key."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise PalateError(
+            "invalid_request",
+            f"config.toml [{table}]: unknown setting(s) "
+            f"{', '.join(unknown)}; known: {', '.join(sorted(known))}",
+        )
+    return cls(**overrides)
+
+
+def train_config(cfg: Config) -> TrainConfig:
+    tc: TrainConfig = _knobs(TrainConfig, "train", {"base_model": cfg.base_model, **cfg.train})
+    return tc
+
+
+def parent_alive() -> bool:
+    """False when the daemon that started this run has died (the run was re-parented).
+
+    On Linux the kernel also kills the run with its daemon (PR_SET_PDEATHSIG, jobs.py);
+    this check covers the window before that took effect and macOS, which has no such
+    signal, so an orphan never registers or deploys a model its daemon did not see.
+    """
+    from palate.runtime.jobs import PARENT_ENV
+
+    expected = os.environ.get(PARENT_ENV)
+    return expected is None or os.getppid() == int(expected)
+
+
+def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> dict[str, Any]:
+    paths = resolve()
+    paths.use_private_tmp()  # normally inherited from the daemon; never the shared /tmp
+    cfg = load_config(paths)
+    dek = KeyManager.for_home(paths).unwrap()
+    try:
+        store = Store(paths.db_file, dek)
+    finally:
+        zero(dek)
+    try:
+        policy = policy or _knobs(GatePolicy, "gate", cfg.gate)
+        return _run(store, cfg, job, deploy, policy)
+    finally:
+        store.close()
+
+
+def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) -> dict[str, Any]:
+    t0 = time.time()
+    say("progress", phase="load", step=0, total=0, message="reading feedback")
+    examples = load_examples(store)
+    split = split_items(examples, key=lambda e: split_key(e.prompt))
+    held_pairs = [e for e in split.heldout if isinstance(e, PairExample)]
+    held_ratings = [e for e in split.heldout if isinstance(e, RatingExample)]
+    if not split.train:
+        raise PalateError(
+            "invalid_request",
+            "no feedback to train on yet; send some with `palate feedback` or enable an adapter",
+        )
+    tc = train_config(cfg)
+    base = load_base_model(tc.base_model)
+    result = train_reward_model(split.train, tc, on_progress, base=base)
+
+    say("progress", phase="evaluate", step=0, total=len(held_pairs), message="judging")
+    dep_metrics: Metrics | None = None
+    dep_pairs: list[PairRecord] | None = None
+    dep_version = None
+    dep = deployed_scorer(store, base)
+    if dep is not None:
+        dep_version, d_scorer, d_temp = dep
+        dep_metrics, dep_pairs = judge(d_scorer, d_temp, held_pairs, held_ratings)
+    scorer = Scorer(result.model, base.tokenizer, tc.max_tokens, result.calibration)
+    metrics, _ = judge(
+        scorer, result.calibration.temperature, held_pairs, held_ratings, deployed_pairs=dep_pairs
+    )
+    metrics["heldout"] = asdict(heldout_status(len(held_pairs)))
+    decision: Decision = decide(metrics, dep_metrics, policy)
+
+    summary = {
+        **result.data_summary,
+        "heldout_pairs": len(held_pairs),
+        "heldout_ratings": len(held_ratings),
+        "train_examples": len(split.train),
+    }
+    art = artifacts.artifact_from_model(
+        result.model,
+        artifacts.build_config(
+            base,
+            tc.lora(),
+            tc.max_tokens,
+            result.calibration,
+            summary,
+            {"accuracy": metrics.get("accuracy")},
+            tc.to_json(),
+        ),
+    )
+    meta = {
+        "metrics": metrics,
+        "decision": decision.action,
+        "reasons": decision.reasons,
+        "checks": [c.to_json() for c in decision.checks],
+        "deployed_metrics": dep_metrics,
+        "compared_with": dep_version,
+        "training": {
+            "summary": summary,
+            "history": result.history,
+            "truncation": result.truncation.to_json(),
+            "config": tc.to_json(),
+            "metrics": result.metrics,
+            "seconds": round(time.time() - t0, 1),
+        },
+        "job": job,
+    }
+    state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]
+    if not parent_alive():
+        raise PalateError(
+            "unavailable", "the daemon that started this run is gone; nothing was registered"
+        )
+    version = store.add_model(
+        base_model=tc.base_model, meta=meta, artifact=artifacts.to_bytes(art), state=state
+    )
+    deployed = False
+    if decision.action == "deploy" and deploy:
+        store.deploy_model(version, how="gate", reason="; ".join(decision.reasons)[:500])
+        deployed = True
+    return {
+        "version": version,
+        "decision": decision.action,
+        "reasons": decision.reasons,
+        "deployed": deployed,
+        "accuracy": metrics.get("accuracy"),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="palate.runtime.training_child", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("--job", required=True, help="job id given by the daemon")
+    ap.add_argument("--no-deploy", action="store_true", help="register, never deploy")
+    args = ap.parse_args(argv)
+    try:
+        result = run(args.job, deploy=not args.no_deploy)
+    except PalateError as e:
+        say("error", **e.to_wire())
+        print(f"palate train: {e.message}", file=sys.stderr)
+        return 2
+    say("result", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

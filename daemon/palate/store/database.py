@@ -1,0 +1,709 @@
+"""The encrypted store: one SQLCipher database for everything the user owns.
+
+Events, adapter cursors, the audit log (and, in later migrations, models and
+reports) live in one database encrypted page by page with the data key. The
+database runs in WAL mode with ``synchronous=FULL``: a commit that returned is
+on disk, which is what lets the daemon acknowledge an event only after it.
+``temp_store=MEMORY`` keeps sort spills and temp tables out of plaintext temp
+files; ``secure_delete`` zeroes deleted content before ``forget`` vacuums.
+
+This class is synchronous and not thread-safe: exactly one thread (the daemon's
+:class:`palate.store.writer.StoreWriter`) uses a given instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import msgpack
+import sqlcipher3.dbapi2 as sqlite
+
+from palate.errors import PalateError
+
+log = logging.getLogger(__name__)
+
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+
+#: Numbered, append-only migrations. Never edit one that has shipped.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "events, cursors, audit, meta",
+        """
+        CREATE TABLE events (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+            id       TEXT NOT NULL UNIQUE,
+            kind     TEXT NOT NULL,
+            source   TEXT NOT NULL,
+            ts       REAL NOT NULL,
+            received REAL NOT NULL,
+            body     BLOB NOT NULL
+        );
+        CREATE INDEX events_source ON events(source, kind);
+        CREATE INDEX events_ts ON events(ts);
+        CREATE TABLE cursors (
+            adapter TEXT NOT NULL,
+            key     TEXT NOT NULL,
+            value   BLOB NOT NULL,
+            updated REAL NOT NULL,
+            PRIMARY KEY (adapter, key)
+        );
+        CREATE TABLE audit (
+            seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts      REAL NOT NULL,
+            action  TEXT NOT NULL,
+            details TEXT NOT NULL
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    ),
+]
+MIGRATIONS.append(
+    (
+        2,
+        "models: trained reward models with their artifacts and reports",
+        """
+        CREATE TABLE models (
+            version   INTEGER PRIMARY KEY AUTOINCREMENT,
+            created   REAL NOT NULL,
+            state     TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            meta      TEXT NOT NULL,
+            artifact  BLOB NOT NULL
+        );
+        CREATE INDEX models_state ON models(state);
+        CREATE UNIQUE INDEX models_one_deployed ON models(state) WHERE state = 'deployed';
+        CREATE TABLE deployments (
+            seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts       REAL NOT NULL,
+            version  INTEGER NOT NULL REFERENCES models(version),
+            previous INTEGER,
+            how      TEXT NOT NULL,
+            reason   TEXT NOT NULL
+        );
+        """,
+    )
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: Lifecycle states of a model version (the registry, a later part, moves them).
+MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
+
+
+@dataclass
+class IngestResult:
+    id: str
+    seq: int
+    duplicate: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "seq": self.seq, "duplicate": self.duplicate}
+
+
+@dataclass
+class IngestGroup:
+    """Events that commit (or fail) together, plus an optional adapter cursor."""
+
+    events: Sequence[Mapping[str, Any]]
+    cursor: Mapping[str, Any] | None = None
+
+
+#: An I/O error while this little room is left (free space, or below the file-size limit)
+#: is the disk being full: see :func:`out_of_room`.
+FULL_MARGIN_BYTES = 1 << 20
+
+
+def out_of_room(path: Path) -> str | None:
+    """Why there is no room left for the database at ``path``, or None.
+
+    SQLite reports a failed write as SQLITE_FULL only when the OS said ENOSPC on a WAL or
+    database write; a failed extension of the ``-shm`` file on a full disk, or EFBIG (a
+    file-size limit, RLIMIT_FSIZE or the filesystem's own) come back as a generic
+    SQLITE_IOERR ("disk I/O error"). This tells those apart from a real I/O error.
+    """
+    try:
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < FULL_MARGIN_BYTES:
+            return f"less than {FULL_MARGIN_BYTES >> 20} MiB free on the disk of {path.parent}"
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                if os.stat(f"{path}{suffix}").st_size + FULL_MARGIN_BYTES > soft:
+                    return f"{path.name}{suffix} reached the file-size limit of {soft} bytes"
+    return None
+
+
+def storage_error(e: BaseException, action: str, path: Path | None = None) -> PalateError:
+    """Translate a SQLite failure into the documented error codes. With ``path`` (the
+    database), an I/O error on a disk without room left is reported as ``storage_full``."""
+    code = getattr(e, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == SQLITE_FULL or (isinstance(e, OSError) and e.errno == 28):
+        return PalateError(
+            "storage_full", f"the disk is full; {action} was not done. Free some space and retry."
+        )
+    why = out_of_room(path) if primary == SQLITE_IOERR and path is not None else None
+    if why is not None:
+        return PalateError(
+            "storage_full",
+            f"out of disk space ({why}); {action} was not done. Free some space and retry.",
+            {"cause": str(e)},
+        )
+    if primary in (SQLITE_NOTADB, SQLITE_CORRUPT):
+        return PalateError(
+            "key_error",
+            "the database does not open with this key, or it is damaged; nothing was "
+            "overwritten. Check `palate doctor`, or restore with your recovery key.",
+        )
+    return PalateError("storage_error", f"{action} failed in the encrypted store: {e}")
+
+
+class Store:
+    """The SQLCipher database of one Palate home."""
+
+    @contextlib.contextmanager
+    def _write(self, action: str) -> Iterator[sqlite.Connection]:
+        """One write transaction: committed if the block finishes, rolled back on any
+        exception; SQLite errors become the documented codes (``storage_full``...)."""
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            yield c
+            c.execute("COMMIT")
+        except BaseException as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            if isinstance(e, sqlite.Error):
+                raise storage_error(e, action, self.path) from e
+            raise
+
+    def __init__(self, path: Path, key: bytes | bytearray) -> None:
+        self.path = path
+        self._conn = self._open(path, key)
+        self._cur = self._conn.cursor()
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    @staticmethod
+    def _open(path: Path, key: bytes | bytearray) -> sqlite.Connection:
+        existed = path.exists()
+        old_umask = os.umask(0o077)
+        try:
+            conn = sqlite.connect(str(path), isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        try:
+            conn.execute("PRAGMA cipher_log_level = NONE")
+            conn.execute(f"PRAGMA key = \"x'{bytes(key).hex()}'\"")
+            # The first read decrypts page 1: a wrong key or a damaged file fails here,
+            # before anything could be written over it.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite.DatabaseError as e:
+            conn.close()
+            if existed:
+                raise storage_error(e, "opening the database", path) from e
+            raise
+        try:
+            for pragma in (
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                "PRAGMA temp_store = MEMORY",
+                "PRAGMA secure_delete = ON",
+                "PRAGMA foreign_keys = ON",
+                "PRAGMA busy_timeout = 5000",
+            ):
+                conn.execute(pragma).fetchall()
+            if sys.platform == "darwin":
+                # fsync on macOS does not flush the drive cache; F_FULLFSYNC does.
+                conn.execute("PRAGMA fullfsync = ON")
+                conn.execute("PRAGMA checkpoint_fullfsync = ON")
+            for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                if p.exists():
+                    os.chmod(p, 0o600)
+            Store._migrate(conn)
+        except sqlite.Error as e:  # e.g. a full disk while creating or migrating
+            conn.close()
+            raise storage_error(e, "opening the database", path) from e
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        newer = [v for v in done if v > SCHEMA_VERSION]
+        if newer:
+            raise PalateError(
+                "storage_error",
+                f"the database has schema version {max(newer)}, newer than this Palate "
+                f"({SCHEMA_VERSION}); upgrade Palate. Nothing was changed.",
+            )
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, sql.split(";")):
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time())
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (SQLITE_FULL does): a second ROLLBACK
+                # would fail and hide the real error.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            log.info("store migrated to schema %d (%s)", version, name)
+
+    # -- writes ----------------------------------------------------------------
+    def ingest(self, groups: Sequence[IngestGroup]) -> list[list[IngestResult] | PalateError]:
+        """Commit several groups in ONE durable transaction (group commit).
+
+        Each group is isolated by a savepoint, so one failing group does not undo
+        the others; but every group shares the single fsync of the commit, which is
+        what makes many small acknowledged writes cheap. If the commit itself fails
+        nothing is acknowledged and every group gets the error.
+        """
+        out: list[list[IngestResult] | PalateError] = []
+        now = time.time()
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite.Error as e:
+            err = storage_error(e, "ingest", self.path)
+            return [err for _ in groups]
+        try:
+            for group in groups:
+                if len(group.events) == 1 and group.cursor is None:
+                    # One statement is atomic on its own: no savepoint needed.
+                    try:
+                        out.append(self._insert_group(group, now))
+                    except sqlite.Error as e:
+                        out.append(storage_error(e, "ingest", self.path))
+                    continue
+                c.execute("SAVEPOINT g")
+                try:
+                    out.append(self._insert_group(group, now))
+                    c.execute("RELEASE g")
+                except sqlite.Error as e:
+                    c.execute("ROLLBACK TO g")
+                    c.execute("RELEASE g")
+                    out.append(storage_error(e, "ingest", self.path))
+            c.execute("COMMIT")
+        except sqlite.Error as e:
+            err = storage_error(e, "ingest", self.path)
+            with contextlib.suppress(sqlite.Error):
+                c.execute("ROLLBACK")
+            return [err for _ in groups]
+        except BaseException:
+            # Anything else (a bug, a bad value) must not leave the transaction open: every
+            # later write on this connection would fail until a restart.
+            with contextlib.suppress(sqlite.Error):
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+            raise
+        return out
+
+    def _insert_group(self, group: IngestGroup, now: float) -> list[IngestResult]:
+        c = self._cur
+        pack = self._packer.pack
+        results: list[IngestResult] = []
+        for ev in group.events:
+            row = c.execute(
+                "INSERT INTO events (id, kind, source, ts, received, body) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING RETURNING seq",
+                (
+                    ev["id"],
+                    ev["kind"],
+                    ev["source"],
+                    ev["ts"],
+                    now,
+                    pack(ev),
+                ),
+            ).fetchone()
+            if row is not None:
+                results.append(IngestResult(ev["id"], row[0], False))
+            else:
+                seq = c.execute("SELECT seq FROM events WHERE id = ?", (ev["id"],)).fetchone()[0]
+                results.append(IngestResult(ev["id"], seq, True))
+        if group.cursor is not None:
+            cur = group.cursor
+            c.execute(
+                "INSERT INTO cursors (adapter, key, value, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(adapter, key) DO UPDATE SET value = excluded.value, "
+                "updated = excluded.updated",
+                (cur["adapter"], cur["key"], msgpack.packb(cur["value"], use_bin_type=True), now),
+            )
+        return results
+
+    def audit(self, action: str, details: Mapping[str, Any]) -> None:
+        """Record an administrative action. Details must never hold user content."""
+        self._conn.execute(
+            "INSERT INTO audit (ts, action, details) VALUES (?, ?, ?)",
+            (time.time(), action, json.dumps(dict(details), sort_keys=True)),
+        )
+
+    def forget(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Delete matching events for real: secure_delete, VACUUM, WAL truncate.
+
+        Adapter cursors are kept on purpose: dropping them would make an adapter
+        re-import the very feedback the user just asked to forget.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        if not everything:
+            if ids is not None:
+                where.append(f"id IN ({','.join('?' * len(ids))})")
+                args.extend(ids)
+            if source is not None:
+                where.append("source = ?")
+                args.append(source)
+            if since is not None:
+                where.append("ts >= ?")
+                args.append(since)
+            if until is not None:
+                where.append("ts < ?")
+                args.append(until)
+            if not where:
+                raise PalateError(
+                    "invalid_request", "forget needs ids, source, since/until, or all"
+                )
+        sql = "DELETE FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            n = c.execute(sql, args).rowcount
+            self.audit(
+                "forget",
+                {
+                    "deleted": n,
+                    "all": everything,
+                    "by_ids": ids is not None and len(ids),
+                    "source": source,
+                    "since": since,
+                    "until": until,
+                },
+            )
+            c.execute("COMMIT")
+            # VACUUM rewrites the file without the freed pages; the checkpoint then
+            # empties the WAL, which may still hold pre-delete page images.
+            c.execute("VACUUM")
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except BaseException as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            if isinstance(e, sqlite.Error):
+                raise storage_error(e, "forget", self.path) from e
+            raise
+        return n
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database file (on shutdown, and after forget)."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite.Error as e:
+            log.warning("checkpoint failed: %s", e)
+
+    # -- reads -----------------------------------------------------------------
+    def counts(self) -> dict[str, Any]:
+        by_kind = dict(self._conn.execute("SELECT kind, count(*) FROM events GROUP BY kind"))
+        by_source = dict(self._conn.execute("SELECT source, count(*) FROM events GROUP BY source"))
+        return {"total": sum(by_kind.values()), "by_kind": by_kind, "by_source": by_source}
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def iter_events(self, batch: int = 500) -> Iterator[dict[str, Any]]:
+        """Every stored event in arrival order, as its canonical map."""
+        last = 0
+        while True:
+            rows = self._conn.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for seq, body in rows:
+                ev: dict[str, Any] = msgpack.unpackb(body, raw=False)
+                ev["seq"] = seq
+                yield ev
+            last = rows[-1][0]
+
+    def get_cursors(self, adapter: str) -> dict[str, Any]:
+        rows = self._conn.execute(
+            "SELECT key, value FROM cursors WHERE adapter = ?", (adapter,)
+        ).fetchall()
+        return {k: msgpack.unpackb(v, raw=False) for k, v in rows}
+
+    # -- small persistent state (scheduler bookkeeping and the like) -----------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Durably set one JSON value (its own transaction)."""
+        with self._write("saving state") as c:
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    def max_seq(self) -> int:
+        """The newest event's sequence number (0 when empty): a cheap 'new data' watermark."""
+        return int(self._conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    # -- models ----------------------------------------------------------------
+    def add_model(
+        self, *, base_model: str, meta: Mapping[str, Any], artifact: bytes, state: str = "candidate"
+    ) -> int:
+        """Store a trained model (its weights are user-derived data, so they live here,
+        encrypted, and never as files in the data dir). Returns the new version."""
+        if state not in MODEL_STATES:
+            raise ValueError(f"unknown model state {state!r}")
+        if state == "deployed":
+            raise ValueError("use deploy_model(): exactly one version may be deployed")
+        with self._write("saving the model") as c:
+            version = c.execute(
+                "INSERT INTO models (created, state, base_model, meta, artifact) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING version",
+                (time.time(), state, base_model, json.dumps(dict(meta), sort_keys=True), artifact),
+            ).fetchone()[0]
+            self.audit("model_added", {"version": version, "state": state})
+        return int(version)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every version, newest first, without the artifact bytes."""
+        rows = self._conn.execute(
+            "SELECT version, created, state, base_model, meta, length(artifact) FROM models "
+            "ORDER BY version DESC"
+        ).fetchall()
+        return [
+            {
+                "version": v,
+                "created": c,
+                "state": s,
+                "base_model": b,
+                "meta": json.loads(m),
+                "size_bytes": n,
+            }
+            for v, c, s, b, m, n in rows
+        ]
+
+    def get_model(self, version: int | None = None) -> tuple[dict[str, Any], bytes]:
+        """A version's metadata and artifact; ``None`` means the deployed one, else the newest."""
+        if version is None:
+            row = self._conn.execute(
+                "SELECT version, created, state, base_model, meta, artifact FROM models "
+                "ORDER BY state = 'deployed' DESC, version DESC LIMIT 1"
+            ).fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT version, created, state, base_model, meta, artifact FROM models "
+                "WHERE version = ?",
+                (version,),
+            ).fetchone()
+        if row is None:
+            what = "no model has been trained yet" if version is None else f"no model {version}"
+            raise PalateError("not_found", f"{what}; train one with `palate train`")
+        v, c, s, b, m, art = row
+        return {
+            "version": v,
+            "created": c,
+            "state": s,
+            "base_model": b,
+            "meta": json.loads(m),
+        }, bytes(art)
+
+    def update_model(
+        self, version: int, *, state: str | None = None, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """Change a version's state and/or merge keys into its metadata (gate results)."""
+        if state is not None and state not in MODEL_STATES:
+            raise ValueError(f"unknown model state {state!r}")
+        if state == "deployed":
+            raise ValueError("use deploy_model(): exactly one version may be deployed")
+        info, _ = self.get_model(version)
+        merged = {**info["meta"], **dict(meta or {})}
+        with self._write("updating the model") as c:
+            c.execute(
+                "UPDATE models SET state = coalesce(?, state), meta = ? WHERE version = ?",
+                (state, json.dumps(merged, sort_keys=True), version),
+            )
+            self.audit("model_updated", {"version": version, "state": state})
+
+    def deployed_version(self) -> int | None:
+        row = self._conn.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
+        return None if row is None else int(row[0])
+
+    def deploy_model(self, version: int, *, how: str, reason: str) -> int | None:
+        """Make ``version`` the one deployed model, atomically; return the previous one.
+
+        The old deployed version becomes ``retired`` in the same transaction, so a crash
+        can never leave zero or two deployed versions. ``how`` records why (``gate``,
+        ``override``, ``rollback``) for the history the user sees.
+        """
+        with self._write("deploying the model") as c:
+            row = c.execute("SELECT state FROM models WHERE version = ?", (version,)).fetchone()
+            if row is None:
+                raise PalateError("not_found", f"no model version {version}")
+            prev_row = c.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
+            previous = None if prev_row is None else int(prev_row[0])
+            if previous == version:
+                return previous
+            c.execute("UPDATE models SET state = 'retired' WHERE state = 'deployed'")
+            c.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (version,))
+            c.execute(
+                "INSERT INTO deployments (ts, version, previous, how, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (time.time(), version, previous, how, reason),
+            )
+            self.audit("deploy", {"version": version, "previous": previous, "how": how})
+        return previous
+
+    def rollback_target(self) -> int | None:
+        """The version that was deployed before the current one (and still has weights)."""
+        row = self._conn.execute(
+            "SELECT d.previous FROM deployments d JOIN models m ON m.version = d.previous "
+            "WHERE d.version = (SELECT version FROM models WHERE state = 'deployed') "
+            "ORDER BY d.seq DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def deployments(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT ts, version, previous, how, reason FROM deployments ORDER BY seq DESC"
+        ).fetchall()
+        return [
+            {"ts": t, "version": v, "previous": p, "how": h, "reason": r} for t, v, p, h, r in rows
+        ]
+
+    def prune_models(self, keep: int) -> list[int]:
+        """Delete old versions beyond the newest ``keep``, never the deployed version or
+        the one a rollback would return to. Returns the versions deleted."""
+        protected = {self.deployed_version(), self.rollback_target()}
+        versions = [
+            int(r[0])
+            for r in self._conn.execute("SELECT version FROM models ORDER BY version DESC")
+        ]
+        doomed = [v for v in versions[keep:] if v not in protected]
+        if not doomed:
+            return []
+        with self._write("pruning models") as c:
+            marks = ",".join("?" * len(doomed))
+            c.execute(f"DELETE FROM deployments WHERE version IN ({marks})", doomed)
+            c.execute(f"UPDATE deployments SET previous = NULL WHERE previous IN ({marks})", doomed)
+            c.execute(f"DELETE FROM models WHERE version IN ({marks})", doomed)
+            self.audit("prune", {"deleted": doomed})
+        return doomed
+
+    def integrity_check(self) -> str:
+        return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0])
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._conn.close()
+
+
+def export_jsonl(events: Iterator[Mapping[str, Any]], path: Path, *, overwrite: bool) -> int:
+    """Write events as JSONL to a path the user chose, atomically, mode 0600.
+
+    The user asked for plaintext here, at this path, so this is the one place
+    Palate writes their data unencrypted. A partial export never appears under
+    the final name.
+    """
+    path = path.expanduser()
+    if not path.is_absolute():
+        raise PalateError("invalid_request", f"export path must be absolute, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise PalateError("not_found", f"directory {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise PalateError("conflict", f"{path} already exists; pass overwrite to replace it")
+    tmp = path.with_name(f".{path.name}.partial")
+    n = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for ev in events:
+                out = {k: v for k, v in ev.items() if k not in ("seq", "v")}
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == 28:
+            raise PalateError("storage_full", f"the disk is full; export to {path} failed") from e
+        raise PalateError("storage_error", f"export to {path} failed: {e.strerror}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def check_key(path: Path, key: bytes | bytearray, *, thorough: bool = False) -> None:
+    """Raise ``key_error`` unless ``key`` opens the database at ``path`` (read-only probe).
+
+    With ``thorough`` (the daemon, before it opens the store for writing) every page in use
+    is read too (``quick_check``: each page's HMAC and the b-tree structure), so damage past
+    page 1 is reported as ``storage_error`` before anything is written over it. Read-only
+    on purpose: a writable connection would fold a leftover WAL into the file on close.
+    """
+    conn = sqlite.connect(f"file:{quote(str(path))}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA cipher_log_level = NONE")
+        conn.execute(f"PRAGMA key = \"x'{bytes(key).hex()}'\"")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")] if thorough else []
+    except sqlite.DatabaseError as e:
+        raise storage_error(
+            e, "opening the database" if thorough else "checking the key", path
+        ) from e
+    finally:
+        conn.close()
+    if problems and problems != ["ok"]:
+        lines = [ln for ln in problems[0].splitlines() if not ln.startswith("***")]
+        first = (lines or [problems[0]])[0]
+        raise PalateError(
+            "storage_error",
+            f"the database {path} is damaged ({first[:200]}); nothing was written to it. "
+            "Restore it from a backup, or move it aside to start an empty one (the key stays).",
+            {"problems": [p[:500] for p in problems]},
+        )
