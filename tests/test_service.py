@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from palate.cli.main import service as cli_service
+from palate.cli import service as cli_service
 from palate.errors import PalateError
 from palate.paths import resolve
 from palate.service.checks_data import classify_keychain, keychain_lock_check
