@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -48,6 +48,7 @@ from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
 from palate.model.scoring import Scorer  # noqa: E402
 from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
 from palate.paths import resolve  # noqa: E402
+from palate.runtime.progress import RunPlan, RunProgress  # noqa: E402
 from palate.store.database import Store  # noqa: E402
 from palate.store.keys import KeyManager, zero  # noqa: E402
 
@@ -61,8 +62,13 @@ def say(kind: str, **payload: Any) -> None:
     sys.stdout.flush()
 
 
+#: This run's position and overall ETA (phase N of M); every progress line goes through it.
+PROGRESS = RunProgress(lambda line: say("progress", **line))
+
+
 def on_progress(e: ProgressEvent) -> None:
-    say("progress", **asdict(e))
+    d = asdict(e)
+    PROGRESS.report(d.pop("phase"), d.pop("step"), d.pop("total"), **d)
 
 
 def load_examples(store: Store) -> list[Example]:
@@ -73,13 +79,19 @@ def load_examples(store: Store) -> list[Example]:
 
 
 def score_heldout(
-    scorer: Scorer, pairs: Sequence[PairExample], ratings: Sequence[RatingExample]
+    scorer: Scorer,
+    pairs: Sequence[PairExample],
+    ratings: Sequence[RatingExample],
+    on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[list[PairRecord], list[RatingRecord]]:
-    """The held-out set as evaluation records, scored by one model."""
+    """The held-out set as evaluation records, scored by one model (``on_chunk(n)`` after
+    every ``n`` pairs scored, for progress)."""
     prs: list[PairRecord] = []
     for i in range(0, len(pairs), SCORE_CHUNK):
         chunk = pairs[i : i + SCORE_CHUNK]
         a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in chunk])
+        if on_chunk is not None:
+            on_chunk(len(chunk))
         for k, p in enumerate(chunk):
             prs.append(
                 PairRecord(
@@ -117,8 +129,9 @@ def judge(
     pairs: Sequence[PairExample],
     ratings: Sequence[RatingExample],
     deployed_pairs: Sequence[PairRecord] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[Metrics, list[PairRecord]]:
-    prs, rrs = score_heldout(scorer, pairs, ratings)
+    prs, rrs = score_heldout(scorer, pairs, ratings, on_chunk)
     metrics = evaluate(
         prs,
         rrs,
@@ -190,7 +203,7 @@ def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> d
 
 def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) -> dict[str, Any]:
     t0 = time.time()
-    say("progress", phase="load", step=0, total=0, message="reading feedback")
+    PROGRESS.report("load", 0, 0, message="reading feedback")
     examples = load_examples(store)
     split = split_items(examples, key=lambda e: split_key(e.prompt))
     held_pairs = [e for e in split.heldout if isinstance(e, PairExample)]
@@ -202,19 +215,45 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         )
     tc = train_config(cfg)
     base = load_base_model(tc.base_model)
+    compared = 2 if store.deployed_version() is not None else 1
+    PROGRESS.set_plan(
+        RunPlan(
+            train_examples=len(split.train),
+            heldout_examples=len(held_pairs) + len(held_ratings),
+            models_compared=compared,
+            epochs=tc.epochs,
+            val_fraction=tc.val_fraction,
+            prefix_cache=tc.prefix_cache and base.num_layers - tc.lora_layers > 0,
+        )
+    )
     result = train_reward_model(split.train, tc, on_progress, base=base)
 
-    say("progress", phase="evaluate", step=0, total=len(held_pairs), message="judging")
+    judged = 0
+    to_judge = len(held_pairs) * compared
+
+    def on_chunk(n: int) -> None:
+        nonlocal judged
+        judged += n
+        PROGRESS.report("evaluate", judged, to_judge, message="judging")
+
+    PROGRESS.report("evaluate", 0, to_judge, message="judging")
     dep_metrics: Metrics | None = None
     dep_pairs: list[PairRecord] | None = None
     dep_version = None
     dep = deployed_scorer(store, base)
     if dep is not None:
         dep_version, d_scorer, d_temp = dep
-        dep_metrics, dep_pairs = judge(d_scorer, d_temp, held_pairs, held_ratings)
+        dep_metrics, dep_pairs = judge(
+            d_scorer, d_temp, held_pairs, held_ratings, on_chunk=on_chunk
+        )
     scorer = Scorer(result.model, base.tokenizer, tc.max_tokens, result.calibration)
     metrics, _ = judge(
-        scorer, result.calibration.temperature, held_pairs, held_ratings, deployed_pairs=dep_pairs
+        scorer,
+        result.calibration.temperature,
+        held_pairs,
+        held_ratings,
+        deployed_pairs=dep_pairs,
+        on_chunk=on_chunk,
     )
     metrics["heldout"] = asdict(heldout_status(len(held_pairs)))
     decision: Decision = decide(metrics, dep_metrics, policy)
