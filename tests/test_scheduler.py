@@ -24,6 +24,7 @@ from palate.runtime.api import Api
 from palate.runtime.power import IdleState, PowerState
 from palate.runtime.scheduler import (
     K_ATTEMPT,
+    K_SINCE,
     K_SUCCESS,
     K_TRAINED_SEQ,
     Scheduler,
@@ -166,6 +167,7 @@ def world() -> World:
     clock = FakeClock(ts(2026, 3, 1, 12, 0))
     state = FakeState()
     state.seq = 100  # plenty of feedback
+    state.meta[K_SINCE] = ts(2026, 1, 1)  # the home (and its scheduler) exists since January
     return World(clock, state, FakeJobs(clock), FakeProbes(), ScheduleConfig())
 
 
@@ -556,3 +558,63 @@ def test_schedule_config_is_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         paths.config_file.write_text(f"[schedule]\n{bad}\n")
         with pytest.raises(PalateError, match=msg):
             load_config(paths)
+
+
+# --- a fresh install ---------------------------------------------------------------------
+
+
+def test_a_fresh_home_waits_for_its_first_night(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catch-up is for nights the daemon missed: the 03:00 slot of the day a home is created
+    (within grace_h) is not due, however much feedback the first import brought."""
+
+    async def main() -> None:
+        world.state.meta.clear()  # a brand-new home: the daemon starts for the first time
+        world.clock.set_wall(ts(2026, 3, 1, 9, 0))
+        s = world.scheduler()
+        with caplog.at_level("INFO", logger="palate.runtime.scheduler"):
+            await s.start(drive=False)
+        assert world.state.meta[K_SINCE] == ts(2026, 3, 1, 9, 0)
+        assert "first scheduled training run: 2026-03-02T03:00" in caplog.text
+        world.state.seq = 1626  # the first import, minutes later
+        outcomes = await walk(s, world.clock, ts(2026, 3, 2, 2, 55))
+        assert set(outcomes) == {"not_due"}, "no run before the first night"
+        assert world.jobs.started == []
+        snap = await s.snapshot()
+        assert snap["first_run"] and snap["next_run"] == ts(2026, 3, 2, 3, 0)
+        assert "first run at 2026-03-02T03:00" in snap["why"]
+        world.clock.set_wall(ts(2026, 3, 2, 3, 0))
+        assert (await s.tick("nightly")).outcome == "started"
+        assert not (await s.snapshot())["first_run"]
+
+    run(main())
+
+
+def test_a_home_that_missed_a_night_after_its_first_start_catches_up(world: World) -> None:
+    async def main() -> None:
+        world.state.meta.clear()
+        world.clock.set_wall(ts(2026, 3, 1, 9, 0))
+        s1 = world.scheduler()
+        await s1.start(drive=False)
+        await s1.stop()
+        # the machine is off across 2026-03-02 03:00; back at 08:00: that night is caught up
+        world.clock.set_wall(ts(2026, 3, 2, 8, 0))
+        s2 = world.scheduler()
+        await s2.start(drive=False)
+        assert len(world.jobs.started) == 1
+
+    run(main())
+
+
+def test_a_scheduler_from_before_since_existed_keeps_catching_up(world: World) -> None:
+    async def main() -> None:
+        world.state.meta.clear()
+        world.state.meta[K_ATTEMPT] = {"ts": ts(2026, 3, 1, 3, 0)}  # it ran before the upgrade
+        world.clock.set_wall(ts(2026, 3, 2, 9, 0))  # missed 2026-03-02 03:00
+        s = world.scheduler()
+        await s.start(drive=False)
+        assert world.state.meta[K_SINCE] == 0.0
+        assert len(world.jobs.started) == 1
+
+    run(main())

@@ -12,6 +12,10 @@ the store meta (``schedule.last_attempt``, ``schedule.last_success``...):
 - the *slot* is the most recent ``[schedule] time`` (local wall clock) at or before now;
 - a run is due when no attempt has been made since that slot (and the slot is within
   ``grace_h``); several missed nights collapse into one slot, so a catch-up runs once;
+- catch-up is for nights the daemon missed, not for nights before this home had a
+  scheduler: a slot before ``schedule.since`` (set when the scheduler first starts on a home)
+  is never due, so a fresh install does not train minutes after its first import; the log
+  and ``status`` say when the first run will be;
 - before starting, the conditions are checked (enough new events since the last
   completed run, AC power, user idle); each one that blocks is reported with its reason
   and the check is repeated later, the slot stays due until it runs;
@@ -53,6 +57,8 @@ K_ATTEMPT = "schedule.last_attempt"
 K_SUCCESS = "schedule.last_success"
 K_RESULT = "schedule.last_result"
 K_TRAINED_SEQ = "schedule.trained_seq"
+#: When the scheduler first ran on this home: slots before it are not caught up.
+K_SINCE = "schedule.since"
 
 
 # --- the injected world -------------------------------------------------------------------
@@ -260,9 +266,32 @@ class Scheduler:
     async def start(self, *, drive: bool = True) -> None:
         """Follow jobs, run the start-up due-check, then (``drive``) start APScheduler."""
         self.jobs.listeners.add(self._on_job_event)
+        await self._first_start()
         await self.tick("start")
         if drive:
             self._start_apscheduler()
+
+    async def _first_start(self) -> None:
+        """Record when this home got a scheduler, and say when its first run will be.
+
+        A home whose scheduler already ran before ``schedule.since`` existed (it has an
+        attempt or a result) keeps catching up as before: ``since`` is 0 for it.
+        """
+        if await self.state.get(K_SINCE) is not None:
+            return
+        now = self.clock.time()
+        seen = await self.state.get(K_ATTEMPT) or await self.state.get(K_RESULT)
+        await self.state.set(K_SINCE, 0.0 if seen else now)
+        if seen or not self.config.enabled:
+            return
+        first = next_slot_after(now, self.config.time, self.tz)
+        log.info(
+            "first scheduled training run: %s (then nightly at %s), once there are at least "
+            "%d new events; `palate train --now` trains earlier",
+            iso(first, self.tz),
+            self.config.time,
+            self.config.min_new_events,
+        )
 
     async def stop(self) -> None:
         """Stop waking up and finish persisting outcomes; leaves a running child alone
@@ -404,6 +433,15 @@ class Scheduler:
             nxt = next_slot_after(now, self.config.time, self.tz)
             why = f"already ran for this slot; next at {iso(nxt, self.tz)}"
             return Evaluation(now, slot, False, why)
+        since = float(await self.state.get(K_SINCE) or 0.0)
+        if slot < since:
+            nxt = next_slot_after(now, self.config.time, self.tz)
+            why = (
+                f"first run at {iso(nxt, self.tz)}: the scheduler started on this home at "
+                f"{iso(since, self.tz)}, after the {iso(slot, self.tz)} slot (catch-up is only "
+                "for nights the daemon missed)"
+            )
+            return Evaluation(now, slot, False, why)
         late = now - slot
         if late > self.config.grace_h * 3600:
             nxt = next_slot_after(now, self.config.time, self.tz)
@@ -518,6 +556,8 @@ class Scheduler:
             "next_slot": nxt,
             "blocked": ev.blocked,
             "conditions": [asdict(c) for c in ev.conditions or await self.conditions()],
+            "first_run": await self.state.get(K_ATTEMPT) is None,
+            "since": await self.state.get(K_SINCE),
             "last_attempt": await self.state.get(K_ATTEMPT),
             "last_success": await self.state.get(K_SUCCESS),
             "last_result": await self.state.get(K_RESULT),
