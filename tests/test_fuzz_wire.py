@@ -14,6 +14,7 @@ run without a model deployed (``no_model``). ``export`` paths point into a sandb
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -276,6 +277,10 @@ def test_daemon_alive_and_serving_after_wire_fuzz(wire_daemon: DaemonProc) -> No
 def env() -> Iterator[inproc.Env]:
     e = inproc.make_env()
     yield e
+    # make_env registers an exit-time report for libFuzzer runs (which end without teardown);
+    # here pytest tears down, so report inside the captured teardown, not after the summary.
+    atexit.unregister(e.report)
+    e.report()
     e.close()
 
 
