@@ -59,6 +59,12 @@ PARAM_TYPES: dict[str, str] = {
     "timeout_ms": "int",
     "a": "str",
     "b": "str",
+    # ensembles and the review queue
+    "lower_bound": "num",
+    "remember": "bool",
+    "answer": "str",
+    "limit": "int",
+    "id": "str",
 }
 #: How docs/protocol.md's parameter tables spell those types.
 _DOC_TYPES = {

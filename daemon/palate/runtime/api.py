@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import hashlib
+import logging
 import math
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from palate import API_LEVEL, __version__
 from palate.errors import PalateError
 from palate.events import MAX_BATCH, validate_event
+from palate.model.ensemble import agreement, bounds_separate, pair_information, pick_question
 from palate.runtime.jobs import TrainingJobs
 from palate.runtime.scheduler import Scheduler
 from palate.runtime.serving import ScoringService, softmax
@@ -42,8 +48,47 @@ NOTIFY: contextvars.ContextVar[Callable[[str, Any], None]] = contextvars.Context
     "palate_notify", default=lambda method, params: None
 )
 MAX_CURSOR_BYTES = 64 * 1024
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+#: The review queue (docs/protocol.md `review_list`): items per list, the answers, the source
+#: of the pair event an answer becomes, and the largest lambda of a rerank's lower bound.
+DEFAULT_REVIEW_LIST = 20
+MAX_REVIEW_LIST = 100
+REVIEW_ANSWERS = ("a", "b", "tie", "skip")
+REVIEW_SOURCE = "review"
+MAX_LOWER_BOUND = 100.0
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+
+
+def _members(res: Any) -> np.ndarray:
+    """Member scores (N, K) of a scored request; a model without members is one member."""
+    members = getattr(res, "members", None)
+    return np.asarray(members if members else [[r] for r in res.raw], dtype=np.float64)
+
+
+def _uncertainty(res: Any) -> list[float]:
+    unc = getattr(res, "uncertainty", None)
+    return [float(u) for u in unc] if unc else [0.0] * len(res.raw)
+
+
+def _clip(x: float) -> float:
+    return max(min(x, 700.0), -700.0)
+
+
+def _review_entry(source: str, prompt: str, a: str, b: str) -> dict[str, Any] | None:
+    """A queue item for (prompt, a, b), or None when the answer could not become a valid
+    pair event. The id is a hash of the question (either order), so it is asked once."""
+    try:
+        validate_event(
+            {"kind": "pair", "source": REVIEW_SOURCE, "prompt": prompt, "chosen": a, "rejected": b}
+        )
+    except PalateError:
+        return None
+    x, y = sorted((a, b))
+    digest = hashlib.sha256("\x1f".join((prompt, x, y)).encode("utf-8")).hexdigest()
+    return {"id": "q-" + digest[:24], "source": source, "prompt": prompt, "a": a, "b": b}
 
 
 def _param(
@@ -121,6 +166,9 @@ class Api:
             "deploy": self.deploy,
             "rollback": self.rollback,
             "train": self.train,
+            "review_list": self.review_list,
+            "review_answer": self.review_answer,
+            "review_add": self.review_add,
             "score": self.score,
             "rerank": self.rerank,
             "compare": self.compare,
@@ -297,6 +345,15 @@ class Api:
             raise PalateError(
                 "invalid_request", "forget needs a selector: ids, source, since/until, or all=true"
             )
+        selector = {
+            "ids": list(ids) if ids is not None else None,
+            "source": source,
+            "since": None if since is None else float(since),
+            "until": None if until is None else float(until),
+            "everything": everything,
+        }
+        # Review questions hold user text too: they go first, so forget's VACUUM wipes them.
+        await self.writer.call(lambda s: s.forget_review(**selector))
         n = await self.writer.call(
             lambda s: s.forget(
                 ids=list(ids) if ids is not None else None,
@@ -473,24 +530,45 @@ class Api:
             "z": res.z,
             "truncated": res.truncated,
             "temperature": model.temperature,
+            "uncertainty": _uncertainty(res),
+            "members": _members(res).shape[1],
         }
 
     async def rerank(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Candidates best-first, with p_best and whether the winner is clear."""
-        _no_extra(params, {"prompt", "candidates", "top_k", "timeout_ms"})
+        """Candidates best-first (by score, or by the lower bound score - lambda * uncertainty),
+        with p_best, the members' uncertainty and whether the winner is clear."""
+        _no_extra(
+            params, {"prompt", "candidates", "top_k", "timeout_ms", "lower_bound", "remember"}
+        )
         prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
         cands = self._texts(params, "candidates", 1)
         top_k = _param(params, "top_k", int)
         if top_k is not None and top_k < 1:
             raise PalateError("invalid_request", "top_k must be at least 1")
+        lam = _param(params, "lower_bound", (int, float))
+        if lam is not None and not (math.isfinite(lam) and 0 <= lam <= MAX_LOWER_BOUND):
+            raise PalateError(
+                "invalid_request",
+                f"lower_bound (lambda) must be a number in 0..{MAX_LOWER_BOUND:g}",
+                {"param": "lower_bound"},
+            )
+        remember = bool(_param(params, "remember", bool))
         model, res = await self._score(params, prompt, cands)
         t = max(model.temperature, 1e-6)
+        unc = _uncertainty(res)
+        members = _members(res)
+        key = res.raw if lam is None else [r - lam * u for r, u in zip(res.raw, unc, strict=True)]
         p_best = softmax([r / t for r in res.raw])
-        order = sorted(range(len(cands)), key=lambda i: (-res.raw[i], i))
+        order = sorted(range(len(cands)), key=lambda i: (-key[i], i))
+        agree = 1.0
         if len(order) > 1:
-            p_top = 1.0 / (1.0 + math.exp(-(res.raw[order[0]] - res.raw[order[1]]) / t))
+            top, nxt = order[0], order[1]
+            p_top = 1.0 / (1.0 + math.exp(-_clip((res.raw[top] - res.raw[nxt]) / t)))
+            _, p_mean, votes = pair_information(members[top], members[nxt], t)
+            agree = agreement(votes, p_mean)
+            separate = bounds_separate(res.raw[top], unc[top], res.raw[nxt], unc[nxt])
         else:
-            p_top = 1.0
+            p_top, separate = 1.0, True
         ranked = [
             {
                 "index": i,
@@ -498,34 +576,171 @@ class Api:
                 "z": res.z[i],
                 "p_best": p_best[i],
                 "truncated": res.truncated[i],
+                "uncertainty": unc[i],
             }
             for i in order[: top_k or len(order)]
         ]
-        return {
+        out = {
             "version": model.version,
             "order": order,
             "scores": res.raw,
             "z": res.z,
             "p_best": p_best,
             "p_top_over_next": p_top,
-            "confident": p_top >= CONFIDENT_P,
+            "confident": p_top >= CONFIDENT_P and separate,
             "ranked": ranked,
             "truncated": res.truncated,
+            "uncertainty": unc,
+            "members": members.shape[1],
+            "agreement": agree,
+            "ranked_by": "score" if lam is None else "lower_bound",
         }
+        if lam is not None:
+            out["lower_bounds"] = key
+        if remember:
+            out["review_id"], _ = await self._remember("rerank", prompt, cands, model, res)
+        return out
 
     async def compare(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
-        _no_extra(params, {"prompt", "a", "b", "timeout_ms"})
+        """p(a preferred over b) = sigmoid((r_a - r_b) / T), with the members' view of it."""
+        _no_extra(params, {"prompt", "a", "b", "timeout_ms", "remember"})
         prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
         a = self._check_text(_param(params, "a", str, required=True), "a")
         b = self._check_text(_param(params, "b", str, required=True), "b")
+        remember = bool(_param(params, "remember", bool))
         model, res = await self._score(params, prompt, [a, b])
         t = max(model.temperature, 1e-6)
-        p = 1.0 / (1.0 + math.exp(-max(min((res.raw[0] - res.raw[1]) / t, 700.0), -700.0)))
-        return {
+        p = 1.0 / (1.0 + math.exp(-_clip((res.raw[0] - res.raw[1]) / t)))
+        unc = _uncertainty(res)
+        members = _members(res)
+        _, p_mean, votes = pair_information(members[0], members[1], t)
+        separate = bounds_separate(res.raw[0], unc[0], res.raw[1], unc[1])
+        out = {
             "version": model.version,
             "p_a_over_b": p,
             "scores": res.raw,
             "z": res.z,
             "truncated": res.truncated,
+            "uncertainty": unc,
+            "members": members.shape[1],
+            "agreement": agreement(votes, p_mean),
+            "confident": max(p, 1 - p) >= CONFIDENT_P and separate,
         }
+        if remember:
+            out["review_id"], _ = await self._remember("compare", prompt, [a, b], model, res)
+        return out
+
+    # -- the review queue ------------------------------------------------------------------
+    async def _remember(
+        self, source: str, prompt: str, texts: list[str], model: Any, res: Any
+    ) -> tuple[str | None, str]:
+        """Queue the most informative pair of a scored request for the user's review.
+
+        Returns (id, why); the id is None when nothing was queued (one candidate, a question
+        already answered, or a pair that cannot become an event). Never fails the request."""
+        q = pick_question(_members(res), model.temperature)
+        if q is None:
+            return None, "one candidate: nothing to compare"
+        item = _review_entry(source, prompt, texts[q.a], texts[q.b])
+        if item is None:
+            return None, "the candidates cannot form a pair (blank or identical texts)"
+        item.update(
+            why=q.why(),
+            info=q.info,
+            p=q.p_a_over_b,
+            version=model.version,
+            extra={"votes_a": q.votes_a, "members": q.members},
+        )
+        return await self._queue(item), item["why"]
+
+    async def _queue(self, item: dict[str, Any]) -> str | None:
+        try:
+            queued = await self.writer.call(lambda s: s.add_review_item(item))
+        except PalateError as e:
+            log.warning("could not queue a review item: %s", e.message)
+            return None
+        return str(item["id"]) if queued else None
+
+    async def review_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Open review questions, the most valuable label first."""
+        _no_extra(params, {"limit"})
+        limit = _param(params, "limit", int)
+        if limit is not None and not 1 <= limit <= MAX_REVIEW_LIST:
+            raise PalateError(
+                "invalid_request", f"limit must be in 1..{MAX_REVIEW_LIST}", {"param": "limit"}
+            )
+
+        def read(s: Store) -> dict[str, Any]:
+            return {
+                "items": s.list_review(limit or DEFAULT_REVIEW_LIST),
+                "open": s.review_counts()["open"],
+            }
+
+        return await self.writer.call(read)
+
+    async def review_answer(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer one question: ``a`` or ``b`` becomes a pair event with source ``review``;
+        ``tie`` and ``skip`` only close it. Either way it is never asked again."""
+        _no_extra(params, {"id", "answer"})
+        item_id = _param(params, "id", str, required=True)
+        answer = _param(params, "answer", str, required=True)
+        if answer not in REVIEW_ANSWERS:
+            raise PalateError(
+                "invalid_request",
+                f"answer must be one of {', '.join(REVIEW_ANSWERS)}, got {answer[:16]!r}",
+                {"param": "answer", "allowed": list(REVIEW_ANSWERS)},
+            )
+        now = time.time()
+
+        def to_event(item: dict[str, Any]) -> dict[str, Any] | None:
+            if answer not in ("a", "b"):
+                return None  # a tie teaches Bradley-Terry nothing; a skip says nothing
+            chosen, rejected = (item["a"], item["b"]) if answer == "a" else (item["b"], item["a"])
+            return validate_event(
+                {
+                    "kind": "pair",
+                    "source": REVIEW_SOURCE,
+                    "prompt": item["prompt"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                },
+                now=now,
+            )
+
+        def run(s: Store) -> dict[str, Any]:
+            _, result = s.answer_review(item_id, answer, to_event, now=now)
+            return {
+                "id": item_id,
+                "answer": answer,
+                "event": None if result is None else result.to_wire(),
+                "open": s.review_counts()["open"],
+            }
+
+        return await self.writer.call(run)
+
+    async def review_add(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """An adapter's unlabelled candidates for one prompt: scored by the deployed model
+        (when there is one) and queued as their most informative pair."""
+        _no_extra(params, {"prompt", "candidates", "source", "timeout_ms"})
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        cands = self._texts(params, "candidates", 2)
+        source = _param(params, "source", str) or "adapter"
+        if not _SOURCE_NAME.match(source):
+            raise PalateError(
+                "invalid_request",
+                "source must be 1-64 letters, digits or ._:/-, starting with a letter or digit",
+                {"param": "source"},
+            )
+        try:
+            model, res = await self._score(params, prompt, cands)
+        except PalateError as e:
+            if e.code not in ("no_model", "unavailable"):
+                raise
+            item = _review_entry(source, prompt, cands[0], cands[1])
+            if item is None:
+                return {"id": None, "queued": False, "why": "the candidates cannot form a pair"}
+            item["why"] = "no model is deployed yet to say which is better"
+            item_id = await self._queue(item)
+            return {"id": item_id, "queued": item_id is not None, "why": item["why"]}
+        item_id, why = await self._remember(source, prompt, cands, model, res)
+        return {"id": item_id, "queued": item_id is not None, "why": why}

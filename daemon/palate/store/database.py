@@ -20,7 +20,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,9 +98,66 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    (
+        3,
+        "review_items: unlabelled questions for the user, ordered by what a label is worth",
+        """
+        CREATE TABLE review_items (
+            id       TEXT PRIMARY KEY,
+            created  REAL NOT NULL,
+            expires  REAL NOT NULL,
+            source   TEXT NOT NULL,
+            state    TEXT NOT NULL,
+            info     REAL,
+            p        REAL,
+            version  INTEGER,
+            body     BLOB,
+            answered REAL,
+            answer   TEXT,
+            event_id TEXT
+        );
+        CREATE INDEX review_items_open ON review_items(state, info);
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
+#: How long a review question stays open, and how many open ones are kept (the least
+#: informative go first). Answered rows keep no text, only that they were answered.
+REVIEW_TTL_S = 14 * 86_400.0
+REVIEW_MAX_OPEN = 500
+#: Most valuable label first: expected information (NULL: never scored, last), then the
+#: closest call, then the newest.
+_REVIEW_ORDER = "info IS NULL, info DESC, abs(coalesce(p, 0.5) - 0.5), created DESC"
+
+
+def _review_item(
+    item_id: str,
+    created: float,
+    expires: float,
+    source: str,
+    info: float | None,
+    p: float | None,
+    version: int | None,
+    body: bytes | None,
+) -> dict[str, Any]:
+    content: dict[str, Any] = msgpack.unpackb(body, raw=False) if body else {}
+    return {
+        "id": item_id,
+        "prompt": content.get("prompt"),
+        "a": content.get("a"),
+        "b": content.get("b"),
+        "why": content.get("why", ""),
+        "source": source,
+        "created": created,
+        "expires": expires,
+        "info": info,
+        "p_a_over_b": p,
+        "version": version,
+        **(content.get("extra") or {}),
+    }
 
 
 @dataclass
@@ -629,6 +686,153 @@ class Store:
             c.execute(f"DELETE FROM models WHERE version IN ({marks})", doomed)
             self.audit("prune", {"deleted": doomed})
         return doomed
+
+    # -- review queue (migration 3; docs/protocol.md `review_list`) ----------------------
+    def add_review_item(self, item: Mapping[str, Any], *, now: float | None = None) -> bool:
+        """Queue one question ``{id, source, prompt, a, b, why, info, p, version}``.
+
+        An item asked before and answered (or skipped) is never queued again: its row stays,
+        without the texts, as the memory of that. An open item offered again takes the newer
+        score (``info``, ``p``, ``version``) and a fresh expiry. Expired open items are
+        dropped, and past :data:`REVIEW_MAX_OPEN` the least informative open ones go.
+        Returns whether the question is open now.
+        """
+        now = time.time() if now is None else now
+        body = self._packer.pack(
+            {k: item[k] for k in ("prompt", "a", "b", "why", "extra") if k in item}
+        )
+        with self._write("queueing a review item") as c:
+            c.execute("DELETE FROM review_items WHERE state = 'open' AND expires <= ?", (now,))
+            row = c.execute(
+                "INSERT INTO review_items (id, created, expires, source, state, info, p, "
+                "version, body) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET info = excluded.info, p = excluded.p, "
+                "version = excluded.version, body = excluded.body, expires = excluded.expires "
+                "WHERE state = 'open' RETURNING state",
+                (
+                    item["id"],
+                    now,
+                    now + REVIEW_TTL_S,
+                    item["source"],
+                    item.get("info"),
+                    item.get("p"),
+                    item.get("version"),
+                    body,
+                ),
+            ).fetchone()
+            c.execute(
+                "DELETE FROM review_items WHERE id IN (SELECT id FROM review_items "
+                "WHERE state = 'open' ORDER BY " + _REVIEW_ORDER + " LIMIT -1 OFFSET ?)",
+                (REVIEW_MAX_OPEN,),
+            )
+            kept = c.execute(
+                "SELECT 1 FROM review_items WHERE id = ? AND state = 'open'", (item["id"],)
+            ).fetchone()
+        return row is not None and kept is not None
+
+    def list_review(self, limit: int = 20, *, now: float | None = None) -> list[dict[str, Any]]:
+        """Open, unexpired questions, the most valuable label first (``info`` desc, then the
+        closest call, then the newest)."""
+        now = time.time() if now is None else now
+        rows = self._conn.execute(
+            "SELECT id, created, expires, source, info, p, version, body FROM review_items "
+            "WHERE state = 'open' AND expires > ? ORDER BY " + _REVIEW_ORDER + " LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [_review_item(*r) for r in rows]
+
+    def review_counts(self, *, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        c = self._conn
+        opened = c.execute(
+            "SELECT count(*) FROM review_items WHERE state = 'open' AND expires > ?", (now,)
+        ).fetchone()[0]
+        done = dict(
+            c.execute(
+                "SELECT answer, count(*) FROM review_items WHERE state = 'answered' "
+                "GROUP BY answer"
+            ).fetchall()
+        )
+        return {"open": int(opened), **{k: int(v) for k, v in done.items()}}
+
+    def answer_review(
+        self,
+        item_id: str,
+        answer: str,
+        to_event: Callable[[dict[str, Any]], dict[str, Any] | None],
+        *,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any], IngestResult | None]:
+        """Close an open question with ``answer`` and, in the same transaction, store the
+        event ``to_event(item)`` makes of it (None: nothing to learn, e.g. a tie or a skip).
+        The texts leave the queue row; only the fact that it was answered stays."""
+        now = time.time() if now is None else now
+        with self._write("answering a review item") as c:
+            row = c.execute(
+                "SELECT id, created, expires, source, info, p, version, body, state "
+                "FROM review_items WHERE id = ?",
+                (item_id,),
+            ).fetchone()
+            if row is None or (row[8] == "open" and row[2] <= now):
+                raise PalateError(
+                    "not_found",
+                    f"no open review item {item_id[:64]!r} (it may have expired or been "
+                    "forgotten); `palate review list` shows the open ones",
+                    {"id": item_id[:128]},
+                )
+            if row[8] != "open":
+                raise PalateError(
+                    "conflict",
+                    f"review item {item_id[:64]!r} was already answered",
+                    {"id": item_id[:128], "state": row[8]},
+                )
+            item = _review_item(*row[:8])
+            event = to_event(item)
+            result = None
+            if event is not None:
+                (result,) = self._insert_group(IngestGroup([event]), now)
+            c.execute(
+                "UPDATE review_items SET state = 'answered', answer = ?, answered = ?, "
+                "body = NULL, event_id = ? WHERE id = ?",
+                (answer, now, None if result is None else result.id, item_id),
+            )
+        return item, result
+
+    def forget_review(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Delete review items with the selectors of :meth:`forget` (same AND semantics):
+        ``ids`` are event ids (an answered item goes with the event it became), ``source``
+        the item's own source (and, for ``review``, every answered item), ``since``/``until``
+        its creation time. Call it before :meth:`forget`, whose VACUUM then wipes the pages."""
+        where: list[str] = []
+        args: list[Any] = []
+        if not everything:
+            if ids is not None:
+                where.append(f"event_id IN ({','.join('?' * len(ids))})")
+                args.extend(ids)
+            if source is not None:
+                where.append("(source = ? OR (? = 'review' AND state = 'answered'))")
+                args.extend([source, source])
+            if since is not None:
+                where.append("created >= ?")
+                args.append(since)
+            if until is not None:
+                where.append("created < ?")
+                args.append(until)
+            if not where:
+                raise PalateError("invalid_request", "forget needs a selector")
+        sql = "DELETE FROM review_items" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._write("forgetting review items") as c:
+            n = int(c.execute(sql, args).rowcount)
+            self.audit("forget_review", {"deleted": n, "all": everything, "source": source})
+        return n
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])

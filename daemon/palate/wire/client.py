@@ -90,6 +90,14 @@ class _Methods:
         """``p_a_over_b``: the calibrated probability that this user prefers ``a``."""
         return dict(self.call("compare", {"prompt": prompt, "a": a, "b": b, **opts}))
 
+    def review_list(self, limit: int | None = None) -> dict[str, Any]:
+        """``{"items": [{id, prompt, a, b, why, ...}], "open": n}``, most valuable first."""
+        return dict(self.call("review_list", {} if limit is None else {"limit": limit}))
+
+    def review_answer(self, item_id: str, answer: str) -> dict[str, Any]:
+        """``answer`` is ``a``, ``b``, ``tie`` or ``skip``; ``a``/``b`` store a pair event."""
+        return dict(self.call("review_answer", {"id": item_id, "answer": answer}))
+
     def train(self, wait: bool = False, reason: str | None = None) -> dict[str, Any]:
         """Start a training run in the daemon; with ``wait``, return when it has finished
         (progress arrives through ``on_notify``; use ``timeout=None`` on the client)."""
