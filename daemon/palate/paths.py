@@ -2,9 +2,18 @@
 
 ``PALATE_HOME=DIR`` puts everything (config, database, key file, socket, logs)
 under DIR, which is what tests and outside checks rely on. Without it the
-platform's conventional per-user locations are used. Every directory Palate
-creates is 0700 and checked with ``lstat`` (not a symlink, owned by us, no group
-or other bits) because the socket's safety rests on its directory.
+platform's conventional per-user locations are used, and on Linux the socket
+lives in ``$XDG_RUNTIME_DIR/palate/`` (set by systemd --user and every desktop
+session). Every directory Palate creates is 0700 and checked with ``lstat`` (not
+a symlink, owned by us, no group or other bits) because the socket's safety
+rests on its directory.
+
+``PALATE_SOCKET=PATH`` names the socket outright. Processes the daemon starts
+(adapters, training runs) and the launcher ``palate browser install`` writes get
+the daemon's resolution pinned through :meth:`Paths.child_env` (``PALATE_HOME``
+*and* ``PALATE_SOCKET``), so a child never re-derives the socket from an
+environment that differs from the daemon's (a pinned ``PALATE_HOME`` alone
+would move it from the runtime dir to ``<home>/run``).
 """
 
 from __future__ import annotations
@@ -54,6 +63,14 @@ class Paths:
         ):
             ensure_private_dir(d)
 
+    def child_env(self) -> dict[str, str]:
+        """The variables that make ``resolve()`` in another process give these same paths.
+
+        Adapters, training runs and the browser's native-messaging launcher all start from
+        this, never from a bare ``PALATE_HOME`` (docs/plugins.md, "Where the socket is").
+        """
+        return {HOME_ENV: str(self.home), SOCKET_ENV: str(self.socket)}
+
     def use_private_tmp(self) -> None:
         """Point this process (and the children it starts) at :attr:`tmp_dir`."""
         import tempfile
@@ -68,13 +85,21 @@ class Paths:
 
 #: The temp dir the daemon was started with, kept for its children (see use_private_tmp).
 _USER_TMP_ENV = "PALATE_USER_TMPDIR"
+#: Where all state lives (see the module docstring).
+HOME_ENV = "PALATE_HOME"
+#: The socket path, when it must not be derived (children of the daemon, the browser launcher).
+SOCKET_ENV = "PALATE_SOCKET"
 
 
 def default_home() -> Path:
-    """The per-user home when ``PALATE_HOME`` is unset."""
-    env = os.environ.get("PALATE_HOME")
+    """The home: ``PALATE_HOME`` if set, else the platform's per-user location."""
+    env = os.environ.get(HOME_ENV)
     if env:
         return Path(env).expanduser().absolute()
+    return _platform_home()
+
+
+def _platform_home() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "Palate"
     xdg = os.environ.get("XDG_DATA_HOME")
@@ -95,17 +120,23 @@ def resolve(home: Path | None = None) -> Paths:
         key_file=data / "key.json",
         log_dir=home / "logs",
         run_dir=run,
-        socket=socket_path(run),
+        socket=_pinned_socket() or socket_path(run),
         lock_file=run / "daemon.lock",
         tmp_dir=home / "tmp",
     )
 
 
+def _pinned_socket() -> Path | None:
+    raw = os.environ.get(SOCKET_ENV)
+    return Path(raw).expanduser().absolute() if raw else None
+
+
 def _runtime_dir(home: Path) -> Path:
-    # Under an explicit PALATE_HOME everything stays inside it (tests run several
-    # daemons side by side). Otherwise prefer the runtime dir, which is a tmpfs
-    # cleaned at logout on Linux, so a stale socket cannot outlive a session.
-    if "PALATE_HOME" not in os.environ:
+    # Under an explicit home (PALATE_HOME, or a home passed in that is not the platform's
+    # default) everything stays inside it: tests run several daemons side by side. The
+    # default home prefers the runtime dir, a tmpfs cleaned at logout on Linux, so a
+    # stale socket cannot outlive a session.
+    if HOME_ENV not in os.environ and home == _platform_home().absolute():
         xdg_run = os.environ.get("XDG_RUNTIME_DIR")
         if xdg_run and Path(xdg_run).is_dir():
             return Path(xdg_run) / "palate"

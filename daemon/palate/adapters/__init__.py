@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -205,6 +206,48 @@ class EmitResult:
     dropped: int = 0
     invalid: int = 0
     committed_cursor: bool = False
+    #: Events not sent because collection is paused (``palate ui``, the ``pause`` method).
+    paused: int = 0
+
+
+#: How long a pause answer from the daemon is trusted before it is asked again.
+PAUSE_CHECK_S = 2.0
+
+
+class PauseGuard:
+    """Whether collection is paused, asked of the daemon (``pause_state``) at most every
+    :data:`PAUSE_CHECK_S` seconds. An event is held back while a pause runs, and also when its
+    ``ts`` falls inside a pause that has ended since: a log line written during the pause and
+    read only later (a restart, a backlog) is not collected either. A daemon that predates
+    the method never pauses anything."""
+
+    def __init__(self, ask: Callable[[], Mapping[str, Any]], clock: Callable[[], float]) -> None:
+        self._ask = ask
+        self._clock = clock
+        self._checked = -math.inf
+        self.current: Mapping[str, Any] | None = None
+        self.windows: list[tuple[float, float]] = []
+
+    def refresh(self) -> None:
+        now = self._clock()
+        if now - self._checked < PAUSE_CHECK_S:
+            return
+        try:
+            state = self._ask()
+        except PalateError as e:
+            if e.code != "unknown_method":
+                raise
+            state = {}
+        self._checked = now
+        self.current = state.get("paused")
+        self.windows = [(float(a), float(b)) for a, b in state.get("windows") or []]
+
+    def holds(self, event: Mapping[str, Any]) -> bool:
+        """True if ``event`` must not be collected (call :meth:`refresh` first)."""
+        if self.current is not None:
+            return True
+        ts = event.get("ts")
+        return isinstance(ts, (int, float)) and any(a <= ts < b for a, b in self.windows)
 
 
 Sink = Callable[[list[dict[str, Any]], dict[str, Any] | None], Mapping[str, Any]]
@@ -224,6 +267,7 @@ class AdapterContext:
         *,
         options: Mapping[str, Any] | None = None,
         home: Path | None = None,
+        socket: Path | None = None,
         redactor: Redactor | None = None,
         sink: Sink | None = None,
         status: IO[str] | None = None,
@@ -232,6 +276,8 @@ class AdapterContext:
         self.name = name
         self.options: dict[str, Any] = dict(options or {})
         self.home = home
+        #: The daemon's socket as the supervisor pinned it (``PALATE_SOCKET``); None derives it.
+        self.socket = socket
         self.redactor = redactor or Redactor()
         self.stop = threading.Event()
         #: Set to ask for an immediate reconcile (SIGUSR1, watchdog hint, tests).
@@ -242,21 +288,30 @@ class AdapterContext:
         self._status = status
         self._client: Client | None = None
         self._fault_countdown = _fault_countdown()
+        self.pause = PauseGuard(self._pause_state, time.monotonic)
 
     # -- socket ------------------------------------------------------------------------
 
     def client(self) -> Client:
-        """A connected client, reconnecting (with backoff, until stop) if needed."""
+        """A connected client, reconnecting (with backoff, until stop) if needed.
+
+        The supervisor hears ``connected`` (with the socket) once a connection stands and
+        ``unavailable`` (with the reason) while it retries: ``palate status`` and
+        ``palate doctor`` show an adapter that runs but cannot reach the daemon.
+        """
         delay = 0.2
         while self._client is None:
             try:
-                self._client = Client(self.home, timeout=60.0)
+                self._client = Client(self.home, socket_path=self.socket, timeout=60.0)
             except PalateError as e:
                 if self.stop.is_set():
                     raise
                 self.log.warning("daemon unavailable (%s); retrying in %.1f s", e.message, delay)
+                self.notify("unavailable", message=e.message[:500])
                 self.stop.wait(delay)
                 delay = min(delay * 2, 10.0)
+            else:
+                self.notify("connected", socket=str(self._client.path))
         return self._client
 
     def _drop_client(self) -> None:
@@ -272,6 +327,15 @@ class AdapterContext:
             try:
                 return self.client().cursors(self.name)
             except PalateError as e:
+                self._retry_or_raise(e)
+
+    def _pause_state(self) -> Mapping[str, Any]:
+        while True:
+            try:
+                return dict(self.client().call("pause_state"))
+            except PalateError as e:
+                if e.code == "unknown_method":
+                    raise
                 self._retry_or_raise(e)
 
     def _retry_or_raise(self, e: PalateError) -> None:
@@ -311,13 +375,21 @@ class AdapterContext:
         """
         res = EmitResult()
         events: list[dict[str, Any]] = []
+        if self._sink is None:
+            self.pause.refresh()
         for item in items:
             ev = self.prepare(item, item.where if isinstance(item, Candidate) else "")
             if ev is None:
                 res.dropped += 1
                 continue
+            if self._sink is None and self.pause.holds(ev):
+                res.paused += 1
+                continue
             ev.pop("v", None)
             events.append(ev)
+        if res.paused:
+            self.log.info("collection is paused: %d event(s) not collected", res.paused)
+            self.notify("paused", events=res.paused)
         batches = list(_batches(events))
         for i, batch in enumerate(batches):
             cur = None
@@ -444,6 +516,7 @@ __all__ = [
     "DryRun",
     "EmitResult",
     "FileParsingAdapter",
+    "PauseGuard",
     "check_options",
     "entry_points",
     "load_adapter",

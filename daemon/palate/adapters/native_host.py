@@ -32,17 +32,20 @@ Requests mirror the socket methods ``hello``, ``ingest`` and ``ingest_batch``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import shlex
 import struct
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from palate import __version__
+from palate.adapters import PauseGuard
 from palate.errors import PalateError
 
 HOST_NAME = "com.palate.native_host"
@@ -132,6 +135,8 @@ class Host:
         self._client: Any = None
         self.redactor = redactor
         self.authorized = authorized
+        #: Collection pause (docs/ui.md): events are held back while it runs.
+        self.pause = PauseGuard(lambda: self._relay("pause_state", {}), time.monotonic)
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         ident: Any = None
@@ -166,23 +171,37 @@ class Host:
 
     def _call(self, method: str, params: dict[str, Any]) -> Any:
         site = params.pop("site", None)
-        dropped = 0
+        dropped = paused = 0
+        if method in ("ingest", "ingest_batch"):
+            self.pause.refresh()
         if method == "ingest":
             event = self._redact(params.get("event"), site)
             if event is None:
                 return {"dropped": True, "reason": "deny_list"}
+            if isinstance(event, dict) and self.pause.holds(event):
+                return {"dropped": True, "reason": "paused"}
             params["event"] = event
         elif method == "ingest_batch" and isinstance(params.get("events"), list):
             events = [self._redact(e, site) for e in params["events"]]
-            params["events"] = [e for e in events if e is not None]
+            kept = [e for e in events if e is not None]
+            params["events"] = [
+                e for e in kept if not (isinstance(e, dict) and self.pause.holds(e))
+            ]
+            paused = len(kept) - len(params["events"])
             dropped = len(events) - len(params["events"])
             if not params["events"] and dropped:
-                return {"accepted": 0, "duplicates": 0, "results": [], "dropped": dropped}
+                out = {"accepted": 0, "duplicates": 0, "results": [], "dropped": dropped}
+                return {**out, "paused": paused} if paused else out
         elif method == "hello":
             params.setdefault("client", "palate-native-host")
         result = self._relay(method, params)
         if method == "hello" and isinstance(result, dict):
             result["host"] = {"version": __version__, "max_message_bytes": MAX_TO_BROWSER}
+            with contextlib.suppress(PalateError):
+                self.pause.refresh()
+                result["collection_paused"] = self.pause.current
+        if paused and isinstance(result, dict):
+            result["paused"] = paused
         if dropped and isinstance(result, dict):
             result["dropped"] = dropped
         return result
@@ -283,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     except PalateError as e:
         log.error("%s; redaction deny list not loaded", e.message)
         deny = ()
-    host = Host(lambda: Client(paths.home, timeout=30.0), Redactor(deny), authorized=ok)
+    host = Host(
+        lambda: Client(socket_path=paths.socket, timeout=30.0), Redactor(deny), authorized=ok
+    )
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         serve(sys.stdin.buffer, out, host)
 
@@ -341,6 +362,7 @@ def install(
     browsers: list[str],
     *,
     home: Path,
+    socket: Path | None = None,
     extension_ids: list[str] | None = None,
     firefox_ids: list[str] | None = None,
     user_home: Path | None = None,
@@ -349,9 +371,17 @@ def install(
     """Write the launcher, the allow list and one host manifest per browser.
 
     The manifest's ``path`` must be absolute and cannot carry arguments, so it
-    points at a small launcher in ``<home>/browser/`` that pins PALATE_HOME and
-    this Python (browsers start hosts with their own environment).
+    points at a small launcher in ``<home>/browser/`` that pins this Python and the
+    daemon's paths as :meth:`palate.paths.Paths.child_env` gives them: ``PALATE_HOME``
+    *and* ``PALATE_SOCKET`` (``socket``, default: where the daemon listens for this
+    home in this environment). Browsers start hosts with their own environment, and a
+    pinned home alone would move the socket out of ``$XDG_RUNTIME_DIR``.
     """
+    from palate.paths import resolve
+
+    pinned = resolve(home)
+    if socket is not None:
+        pinned = dataclasses.replace(pinned, socket=socket)
     chrome_ids = list(dict.fromkeys(extension_ids or [DEFAULT_CHROME_ID]))
     fx_ids = list(dict.fromkeys(firefox_ids or [DEFAULT_FIREFOX_ID]))
     for b in browsers:
@@ -367,13 +397,7 @@ def install(
     browser_dir = home / "browser"
     browser_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     launcher = browser_dir / "palate-native-host"
-    _write(
-        launcher,
-        "#!/bin/sh\n# Written by `palate browser install`; started by the browser.\n"
-        f"PALATE_HOME={shlex.quote(str(home))}\nexport PALATE_HOME\n"
-        f'exec {shlex.quote(python)} -m palate.adapters.native_host "$@"\n',
-        0o700,
-    )
+    _write(launcher, launcher_script(pinned.child_env(), python), 0o700)
     allowed = load_allowed(home)
     allowed["chrome"] = sorted(
         set(allowed.get("chrome", [])) | {f"chrome-extension://{i}/" for i in chrome_ids}
@@ -395,7 +419,35 @@ def install(
         target = manifest_dir(b, home=user_home) / f"{HOST_NAME}.json"
         _write(target, json.dumps(manifest, indent=2) + "\n", 0o644)
         written.append(str(target))
-    return {"host": HOST_NAME, "launcher": str(launcher), "manifests": written}
+    return {
+        "host": HOST_NAME,
+        "launcher": str(launcher),
+        "socket": str(pinned.socket),
+        "manifests": written,
+    }
+
+
+def launcher_script(env: Mapping[str, str], python: str = sys.executable) -> str:
+    """The shell launcher a host manifest points at: ``env`` pinned, then this host."""
+    names = sorted(env)
+    lines = [f"{k}={shlex.quote(env[k])}" for k in names]
+    return (
+        "#!/bin/sh\n# Written by `palate browser install`; started by the browser.\n"
+        + "".join(line + "\n" for line in lines)
+        + f"export {' '.join(names)}\n"
+        + f'exec {shlex.quote(python)} -m palate.adapters.native_host "$@"\n'
+    )
+
+
+def read_launcher(path: Path) -> dict[str, str]:
+    """The variables a launcher pins (``NAME=value`` lines), for ``palate doctor``."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.isidentifier() and not line.startswith("#"):
+            parts = shlex.split(value)
+            out[name] = parts[0] if parts else ""
+    return out
 
 
 def uninstall(browsers: list[str], *, home: Path, user_home: Path | None = None) -> list[str]:

@@ -56,6 +56,7 @@ def build_context(name: str, *, status: IO[str] | None = None) -> tuple[AdapterC
         name,
         options=options,
         home=paths.home,
+        socket=paths.socket,
         redactor=Redactor(config.adapters.deny_for(name)),
         status=status,
         logger=stderr_logger(name, config.log_level),

@@ -193,10 +193,12 @@ def install(
     """
     from palate.adapters.native_host import install as do_install
 
+    paths = resolve()
     try:
         res = do_install(
             _browsers(browsers),
-            home=resolve().home,
+            home=paths.home,
+            socket=paths.socket,
             extension_ids=list(extension_ids),
             firefox_ids=list(firefox_ids),
         )
@@ -206,7 +208,7 @@ def install(
         _fail(PalateError("storage_error", f"cannot write a manifest: {e}"), as_json)
 
     def human(r: dict[str, Any]) -> None:
-        click.echo(f"host {r['host']} -> {r['launcher']}")
+        click.echo(f"host {r['host']} -> {r['launcher']} (daemon socket {r['socket']})")
         for m in r["manifests"]:
             click.echo(f"wrote {m}")
 

@@ -182,7 +182,7 @@ class Daemon:
                 await api._deployed(int(result["version"]))
 
         jobs = TrainingJobs(
-            dict(os.environ, PALATE_HOME=str(self.paths.home)),
+            dict(os.environ, **self.paths.child_env()),
             on_result,
             budget_s=self.config.schedule.budget_h * 3600,
             memory_bytes=int(self.config.schedule.memory_gb * 2**30),

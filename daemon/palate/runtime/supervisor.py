@@ -16,6 +16,9 @@ palate.adapters.runner NAME`` and only talks to the daemon through the socket.
   events, bad_records and last_error, for ``palate status``.
 * Children get a pipe on stdin that is never written; if the daemon dies, even
   by kill -9, the pipe closes and the child stops itself (no orphans).
+* Children get the daemon's own path resolution pinned (``Paths.child_env``:
+  ``PALATE_HOME`` and ``PALATE_SOCKET``), so they connect to the socket the
+  daemon serves whatever layout it chose (``$XDG_RUNTIME_DIR/palate/`` by default).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from palate.adapters.runner import EXIT_LOAD_FAILED
+from palate.paths import Paths, resolve
 
 log = logging.getLogger("palate.runtime.supervisor")
 
@@ -54,6 +58,9 @@ class AdapterState:
     bad_records: int = 0
     last_error: str | None = None
     since: float | None = None
+    #: True once the child reached the daemon's socket, False while it cannot (None: not yet).
+    connected: bool | None = None
+    socket: str | None = None
 
 
 class Supervisor:
@@ -64,6 +71,7 @@ class Supervisor:
         names: Sequence[str],
         *,
         home: Path | None = None,
+        paths: Paths | None = None,
         log_dir: Path | None = None,
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
@@ -72,11 +80,13 @@ class Supervisor:
         stable_after: float = 60.0,
     ) -> None:
         self.names = list(dict.fromkeys(names))
-        self.home = home
+        if paths is None and home is not None:
+            paths = resolve(home)
+        self.home = paths.home if paths is not None else None
         self.log_dir = log_dir
         self.env = dict(os.environ if env is None else env)
-        if home is not None:
-            self.env["PALATE_HOME"] = str(home)
+        if paths is not None:
+            self.env.update(paths.child_env())
         self.env["PALATE_SUPERVISED"] = "1"
         self.python = python
         self.backoff_initial = backoff_initial
@@ -96,7 +106,7 @@ class Supervisor:
         """The supervisor for ``config.adapters.enabled()`` in the home ``paths``."""
         return cls(
             config.adapters.enabled(),
-            home=paths.home,
+            paths=paths,
             log_dir=paths.log_dir / "adapters",
             **kw,
         )
@@ -166,7 +176,7 @@ class Supervisor:
         st = self.states[name]
         failures = 0
         while not self._stopping.is_set():
-            st.state, st.since = "starting", time.time()
+            st.state, st.since, st.connected = "starting", time.time(), None
             started = time.monotonic()
             logf = self._log_file(name)
             try:
@@ -236,6 +246,11 @@ class Supervisor:
             elif kind == "emitted":
                 st.events += int(msg.get("events", 0))
                 st.last_event_ts = float(msg.get("ts", time.time()))
+            elif kind == "connected":
+                st.connected, st.socket = True, str(msg.get("socket", ""))[:300] or None
+            elif kind == "unavailable":
+                st.connected = False
+                st.last_error = str(msg.get("message", ""))[:500]
             elif kind == "bad":
                 st.bad_records += 1
             elif kind in ("error", "load_failed"):

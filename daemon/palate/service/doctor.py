@@ -1,8 +1,10 @@
 """``palate doctor``: every check, in the order the user reads them, each with a fix.
 
-The checks live in three modules grouped by what they look at: ``checks_install`` (packages,
-model, BLAS, login service), ``checks_data`` (permissions, disk, key, keychain) and
-``checks_daemon`` (the running daemon and its training runs).
+The checks live in four modules grouped by what they look at: ``checks_install`` (packages,
+model, BLAS, login service), ``checks_data`` (permissions, disk, key, keychain),
+``checks_daemon`` (the running daemon and its training runs) and ``checks_adapters`` (each
+enabled adapter's folder and connection, the browser's manifests and launcher). A check
+returns one finding, or a list of them (one per adapter).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from collections.abc import Callable
 
 from palate.paths import Paths
 from palate.service.check import Check
+from palate.service.checks_adapters import adapter_checks, browser_check
 from palate.service.checks_daemon import _daemon, training_check
 from palate.service.checks_data import _keychain, _permissions, disk_check, keychain_lock_check
 from palate.service.checks_install import _blas, _embedded_model, _versions, service_check
 
 __all__ = ["CHECKS", "Check", "run_checks"]
 
-CHECKS: list[Callable[[Paths], Check]] = [
+CHECKS: list[Callable[[Paths], Check | list[Check]]] = [
     lambda p: _versions(),
     _permissions,
     _keychain,
@@ -27,6 +30,8 @@ CHECKS: list[Callable[[Paths], Check]] = [
     service_check,
     disk_check,
     training_check,
+    adapter_checks,
+    browser_check,
     keychain_lock_check,
 ]
 
@@ -35,7 +40,8 @@ def run_checks(paths: Paths) -> list[Check]:
     out = []
     for check in CHECKS:
         try:
-            out.append(check(paths))
+            found = check(paths)
+            out.extend(found if isinstance(found, list) else [found])
         except Exception as e:  # a broken check must not hide the others
             out.append(
                 Check(

@@ -138,6 +138,15 @@ function normPath(p) {
 function defaultHome(ctx) {
   const { env, homedir } = ctx;
   if (env.PALATE_HOME) return absolute(expandUser(env.PALATE_HOME, homedir), ctx.cwd);
+  return platformHome(ctx);
+}
+
+/**
+ * The platform's per-user home (what an unset PALATE_HOME gives).
+ * @param {Required<PathEnv>} ctx
+ */
+function platformHome(ctx) {
+  const { env, homedir } = ctx;
   if (ctx.platform === 'darwin') return join(homedir, 'Library', 'Application Support', 'Palate');
   const base = env.XDG_DATA_HOME ? env.XDG_DATA_HOME : join(homedir, '.local', 'share');
   return join(base, 'palate');
@@ -172,13 +181,18 @@ export function resolvePaths(options = {}) {
   const home = absolute(options.home ?? defaultHome(ctx), ctx.cwd);
   // The key's presence, not its value, decides here (Python tests
   // `"PALATE_HOME" not in os.environ`): an empty PALATE_HOME picks the default
-  // home above but still keeps the run dir inside it.
+  // home above but still keeps the run dir inside it. A `home` given that is not
+  // the platform's default keeps it inside too.
   let runDir = join(home, 'run');
-  if (!('PALATE_HOME' in ctx.env)) {
+  if (!('PALATE_HOME' in ctx.env) && home === absolute(platformHome(ctx), ctx.cwd)) {
     const xdgRun = ctx.env.XDG_RUNTIME_DIR;
     if (xdgRun && ctx.isDir(xdgRun)) runDir = join(xdgRun, 'palate');
   }
-  return { home, runDir, socket: socketPathFor(runDir, ctx) };
+  // PALATE_SOCKET names the socket outright: the daemon pins it for its adapters and
+  // the browser launcher (palate.paths.Paths.child_env).
+  const pinned = ctx.env.PALATE_SOCKET;
+  const socket = pinned ? absolute(expandUser(pinned, ctx.homedir), ctx.cwd) : socketPathFor(runDir, ctx);
+  return { home, runDir, socket };
 }
 
 /**

@@ -52,6 +52,21 @@ test('an empty PALATE_HOME selects the default home but still disables XDG_RUNTI
   assert.equal(resolveSocketPath({ ...base, env }), '/home/ann/.local/share/palate/run/palate.sock');
 });
 
+test('PALATE_SOCKET names the socket outright (what the daemon pins for its children)', () => {
+  const env = { PALATE_HOME: '/srv/p', XDG_RUNTIME_DIR: '/run/user/1000', PALATE_SOCKET: '/run/user/1000/palate/palate.sock' };
+  assert.equal(resolveSocketPath({ ...base, env }), '/run/user/1000/palate/palate.sock');
+  assert.equal(resolvePaths({ ...base, env }).home, '/srv/p');
+});
+
+test('a home passed in that is not the default keeps its socket inside it', () => {
+  const env = { XDG_RUNTIME_DIR: '/run/user/1000' };
+  assert.equal(resolvePaths({ ...base, env, home: '/srv/q' }).socket, '/srv/q/run/palate.sock');
+  assert.equal(
+    resolvePaths({ ...base, env, home: '/home/ann/.local/share/palate' }).socket,
+    '/run/user/1000/palate/palate.sock',
+  );
+});
+
 test('a socket path over 103 bytes moves to a hashed name under the temp dir', () => {
   const home = `/srv/${'x'.repeat(100)}`;
   const socket = resolveSocketPath({ ...base, env: { PALATE_HOME: home, TMPDIR: '/tmpd' } });
@@ -85,6 +100,8 @@ test('agrees with palate.paths.resolve() for real environments', { skip: pythonS
       { XDG_RUNTIME_DIR: tmp, XDG_DATA_HOME: path.join(tmp, 'data') },
       { XDG_RUNTIME_DIR: path.join(tmp, 'absent'), XDG_DATA_HOME: `${tmp}/${'d'.repeat(90)}` },
       { XDG_DATA_HOME: `${tmp}/${'d'.repeat(90)}`, TMPDIR: `${tmp}/${'t'.repeat(70)}` },
+      { PALATE_HOME: path.join(tmp, 'home'), PALATE_SOCKET: path.join(tmp, 'pinned.sock') },
+      { XDG_RUNTIME_DIR: tmp, PALATE_SOCKET: `${tmp}/./x/../pinned.sock` },
     ];
     for (const extra of cases) {
       const env = { PATH: process.env.PATH, HOME: tmp, ...extra };
