@@ -38,7 +38,7 @@ from palate.paths import Paths, resolve
 
 LABEL = "com.palate.daemon"
 UNIT = "palate.service"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TEMPLATES = REPO / "launchd"
 DOCS = REPO / "docs" / "operations.md"
 #: How long to wait for launchd to forget a booted-out job before bootstrapping again.
