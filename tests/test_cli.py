@@ -99,8 +99,8 @@ def test_single_feedback_export_forget(palate_daemon: DaemonProc, tmp_path: Path
     r = palate_daemon.cli("feedback", "--prompt", "hi", "--response", "hello", "--good")
     assert r.returncode == 0 and "stored rating" in r.stdout
     r = palate_daemon.cli("feedback", "--prompt", "hi", "--chosen", "x")
-    assert r.returncode == EXIT_CODES["invalid_event"]
-    assert "rejected" in r.stderr
+    assert r.returncode == 2, "a half-given pair is a usage mistake (exit 2), not an event error"
+    assert "--rejected" in r.stderr
     assert palate_daemon.cli("feedback").returncode == 2
     out = tmp_path / "e.jsonl"
     r = palate_daemon.cli("export", "--out", str(out), "--json")

@@ -94,6 +94,12 @@ def test_score_human_and_json(setup) -> None:  # type: ignore[no-untyped-def]
     assert data["best"] == 0 and len(data["scores"]) == 2
     res = runner.invoke(score_command, ["--model", str(out), "w1 w2", "w3 zz", "w4 w5"])
     assert res.exit_code == 0 and "z=" in res.output
+    # each score line names the response it belongs to
+    lines = res.output.splitlines()
+    assert "[0]" in lines[0] and lines[0].endswith("'w3 zz'")
+    assert "[1]" in lines[1] and lines[1].endswith("'w4 w5'")
+    res = runner.invoke(score_command, ["--model", str(out), "  ", "w3 zz"])
+    assert res.exit_code == 2 and "must not be empty or blank" in res.output
 
 
 def test_bad_input_one_line_errors(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 
 from palate.evaluation.gate import GatePolicy, decide
 from palate.evaluation.heldout import PairRecord, RatingRecord, evaluate, load_probes
-from palate.evaluation.report import render_report, write_report
+from palate.evaluation.report import render_report, slice_figure, write_report
 
 SECRET = "the secret prompt about their tax return"
 
@@ -140,3 +141,36 @@ def test_write_report_is_atomic_and_private(tmp_path: Path) -> None:
     assert out == target and target.read_text() == "<html>new</html>"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert [f.name for f in tmp_path.iterdir()] == ["report.html"]  # no temp file left
+
+
+def test_history_shows_created_as_a_local_date() -> None:
+    """The registry stores Unix seconds; the report shows the date a person reads."""
+    s = _sample()
+    created = 1_795_688_410.2268233
+    html = render_report(
+        s["metrics"],
+        s["decision"],
+        [{"version": 1, "created": created, "state": "rejected", "decision": "reject"}],
+    )
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) in html
+    assert "1795688410" not in html
+
+
+def test_probe_set_has_its_own_axis_without_length_baselines() -> None:
+    s = _sample()
+    fig = slice_figure(s["metrics"], s["deployed"])
+    main, probe = fig.axes
+    assert "probe set" not in " ".join(t.get_text() for t in main.get_yticklabels())
+    assert [t.get_text() for t in probe.get_yticklabels()] == [
+        f"probe set  (n={s['metrics']['probes']['n']})"
+    ]
+    # the main axis carries chance and both length baselines; the probe axis chance only
+    def vlines(ax: Any) -> list[float]:  # axvline: y from 0 to 1 in axes coordinates
+        return [float(ln.get_xdata()[0]) for ln in ax.lines if list(ln.get_ydata()) == [0, 1]]
+
+    b = s["metrics"]["baselines"]
+    assert sorted(vlines(main)) == sorted(
+        [0.5, b["always_longer"]["accuracy"], b["always_shorter"]["accuracy"]]
+    )
+    assert vlines(probe) == [0.5]
+    assert probe.get_xlim()[0] == 0.0

@@ -46,7 +46,10 @@ KIND_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "ranking": ({"prompt", "responses"}, set()),
 }
 _ALLOWED = {k: frozenset(COMMON_FIELDS | r | o) for k, (r, o) in KIND_FIELDS.items()}
-CONTEXT_KEYS = {"app", "domain", "language", "task"}
+CONTEXT_KEYS = {"app", "domain", "language", "task", "conversation"}
+#: Where an editor's cursor was in a code prompt (``prefix<|cursor|>suffix``, docs/plugins.md).
+#: The held-out split keys code on the region around it and truncation keeps the code nearest it.
+CODE_CURSOR = "<|cursor|>"
 #: The fields whose text is the user's content (hashed for derived ids, never logged).
 CONTENT_FIELDS = ("prompt", "chosen", "rejected", "response", "original", "edited", "responses")
 
@@ -64,6 +67,8 @@ class _Errors:
 
 def _text(obj: Mapping[str, Any], field: str, errs: _Errors, *, name: str | None = None) -> str:
     label = name or field
+    if field not in obj:
+        return ""  # reported once, with what the kind needs, by _missing
     value = obj.get(field)
     if not isinstance(value, str):
         errs.add(label, f"must be a string, got {_type_name(value)}")
@@ -112,6 +117,9 @@ def validate_event(
         raise _invalid(errs)
     now = time.time() if now is None else now
     kind = obj.get("kind")
+    if kind is None and "kind" not in obj:
+        errs.add("kind", f"is missing; {_SHAPES}")
+        raise _invalid(errs)
     if kind not in KINDS:
         errs.add("kind", f"must be one of {', '.join(KINDS)}; got {brief(kind)}")
         raise _invalid(errs)
@@ -161,7 +169,23 @@ def validate_event(
     return out
 
 
+#: What each kind needs, for the message about a line that is none of them.
+_SHAPES = (
+    "give {prompt, chosen, rejected} (a pair), {prompt, response, label or score} (a rating), "
+    "{prompt, original, edited} (an edit) or {prompt, responses} (a ranking)"
+)
+
+
+def _missing(kind: str, obj: Mapping[str, Any], errs: _Errors) -> None:
+    """Name each required field the event lacks, with everything its kind needs."""
+    need = ("prompt", *sorted(KIND_FIELDS[kind][0] - {"prompt"}))
+    for f in need:
+        if f not in obj:
+            errs.add(f, f"is missing: a {kind} needs {', '.join(need)}")
+
+
 def _kind_fields(kind: str, obj: Mapping[str, Any], out: dict[str, Any], errs: _Errors) -> None:
+    _missing(kind, obj, errs)
     out["prompt"] = _text(obj, "prompt", errs)
     if kind == "pair":
         chosen = out["chosen"] = _text(obj, "chosen", errs)
@@ -281,11 +305,13 @@ def from_simple(obj: Any, source: str) -> Any:
         return obj
     ev = dict(obj)
     if "kind" not in ev:
-        if {"chosen", "rejected"} <= ev.keys():
+        # A short form is recognised by any field only its kind has, so a line that lacks
+        # one of them is reported as "rejected is missing: a pair needs ...".
+        if "chosen" in ev or "rejected" in ev:
             ev["kind"] = "pair"
-        elif "response" in ev and ("label" in ev or "score" in ev):
+        elif "response" in ev:
             ev["kind"] = "rating"
-        elif {"original", "edited"} <= ev.keys():
+        elif "original" in ev or "edited" in ev:
             ev["kind"] = "edit"
         elif "responses" in ev:
             ev["kind"] = "ranking"
@@ -316,6 +342,8 @@ class PairExample:
     source: str = ""
     domain: str = ""
     event_id: str = ""
+    #: ``context.conversation``: what the held-out split keys on (evaluation/split.py).
+    conversation: str = ""
 
 
 @dataclass(frozen=True)
@@ -329,6 +357,7 @@ class RatingExample:
     source: str = ""
     domain: str = ""
     event_id: str = ""
+    conversation: str = ""
 
 
 Example = PairExample | RatingExample
@@ -347,6 +376,7 @@ def to_examples(event: Mapping[str, Any]) -> list[Example]:
         "source": str(event.get("source", "")),
         "domain": str((event.get("context") or {}).get("domain", "")),
         "event_id": str(event.get("id", "")),
+        "conversation": str((event.get("context") or {}).get("conversation", "")),
     }
     kind, prompt = event["kind"], event["prompt"]
     if kind == "pair":

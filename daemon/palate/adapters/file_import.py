@@ -64,13 +64,17 @@ def parse_lines(path: Path, source: str, summary: ImportSummary) -> Iterator[dic
                 continue
             summary.lines += 1
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                # Without its line ending: parsed with it, an error at the end of a truncated
+                # line is reported at column 1 of the (empty) line after it.
+                text = raw.rstrip(b"\r\n").decode("utf-8")
+                obj = json.loads(text)
             except UnicodeDecodeError:
                 summary.rejected.append(Rejection(lineno, "line is not valid UTF-8"))
                 continue
             except json.JSONDecodeError as e:
+                cut = "; the line ends there: is it cut short?" if e.pos >= len(text) else ""
                 summary.rejected.append(
-                    Rejection(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+                    Rejection(lineno, f"not valid JSON ({e.msg} at column {e.colno}{cut})")
                 )
                 continue
             try:

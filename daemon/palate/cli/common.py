@@ -69,3 +69,11 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
     else:
         human(data)
+
+
+def check_prompt(prompt: str, hint: str) -> None:
+    """One rule for every command that takes a prompt (feedback, rerank, score): an empty or
+    blank prompt is a usage mistake (exit 2), as the event schema rejects it for feedback and
+    a preference about nothing cannot be scored meaningfully either."""
+    if not prompt.strip():
+        raise click.BadParameter("must not be empty or blank", param_hint=f"'{hint}'")

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from palate.cli.common import EXIT_CODES, emit, handles_errors, json_option
+from palate.cli.common import EXIT_CODES, check_prompt, emit, handles_errors, json_option
+from palate.errors import PalateError
 from palate.wire.client import Client
 
 # --- feedback -----------------------------------------------------------------------------
@@ -18,7 +19,7 @@ from palate.wire.client import Client
 @click.option(
     "--file",
     "file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSONL: {prompt, chosen, rejected}, {prompt, response, label} or v1 events.",
 )
 @click.option(
@@ -83,7 +84,15 @@ def feedback(
         raise click.UsageError(
             "give --file, or --prompt with --chosen/--rejected or --response and --good/--bad"
         )
+    check_prompt(prompt, "--prompt")
     if chosen is not None or rejected is not None:
+        if chosen is None or rejected is None:
+            raise click.UsageError(
+                f"a pair needs both --chosen and --rejected (missing "
+                f"{'--chosen' if chosen is None else '--rejected'})"
+            )
+        if response is not None or good is not None:
+            raise click.UsageError("give a pair (--chosen/--rejected) or a rating, not both")
         obj: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     elif response is not None and good is not None:
         obj = {"prompt": prompt, "response": response, "label": 1 if good else -1}
@@ -91,7 +100,11 @@ def feedback(
         raise click.UsageError(
             "a pair needs --chosen and --rejected; a rating needs --response and --good or --bad"
         )
-    event = validate_event(from_simple(obj, source))
+    try:
+        event = validate_event(from_simple(obj, source))
+    except PalateError as e:
+        # The options were the event: what is wrong with it is a usage mistake (exit 2).
+        raise click.UsageError(_as_options(e)) from e
     with Client() as c:
         res = c.ingest(event)
     emit(
@@ -101,6 +114,30 @@ def feedback(
             f"{'already stored' if d['duplicate'] else 'stored'} {event['kind']} {d['id']}"
         ),
     )
+
+
+#: Event fields as the options that set them, for usage errors about a single event.
+_OPTION_OF = {
+    "prompt": "--prompt",
+    "chosen": "--chosen",
+    "rejected": "--rejected",
+    "response": "--response",
+    "label": "--good/--bad",
+    "source": "--source",
+}
+
+
+def _as_options(err: PalateError) -> str:
+    errors = err.details.get("errors") or []
+    if not errors:
+        return err.message
+    parts = []
+    for x in errors:
+        reason = str(x["reason"])
+        for field, option in _OPTION_OF.items():
+            reason = reason.replace(f"from {field}", f"from {option}")
+        parts.append(f"{_OPTION_OF.get(x['field'], x['field'])} {reason}")
+    return "; ".join(parts)
 
 
 def _import_with_progress(c: Client, file: Path, source: str, quiet: bool) -> Any:
@@ -132,7 +169,15 @@ def _import_with_progress(c: Client, file: Path, source: str, quiet: bool) -> An
 def export(out: Path, overwrite: bool, as_json: bool) -> None:
     """Write all your feedback as JSONL to a file you name."""
     with Client() as c:
-        n = c.export(out.absolute(), overwrite=overwrite)
+        try:
+            n = c.export(out.absolute(), overwrite=overwrite)
+        except PalateError as e:
+            if e.code != "conflict":
+                raise
+            # The daemon speaks of its wire parameter; the user needs the option's name.
+            raise PalateError(
+                "conflict", f"{out.absolute()} already exists; pass --overwrite to replace it"
+            ) from e
     emit(
         {"path": str(out.absolute()), "count": n},
         as_json,

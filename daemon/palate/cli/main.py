@@ -74,9 +74,11 @@ def daemon(log_level: str | None) -> None:
 @json_option
 @handles_errors
 def status(as_json: bool) -> None:
-    """Show event counts, key backend, database size and daemon uptime."""
+    """Show the daemon, your feedback, the key, the deployed model, training, schedule and
+    adapters. `--json` prints the daemon's status result unchanged."""
     with Client() as c:
         data = c.status()
+        listing = None if as_json else c.call("models")
 
     def human(d: dict[str, Any]) -> None:
         ev = d["events"]
@@ -97,6 +99,10 @@ def status(as_json: bool) -> None:
             f"schema {d['db']['schema_version']})"
         )
         click.echo(f"key      {d['key_backend']}")
+        for line in _model_training_schedule(d, listing or {}):
+            click.echo(line)
+        if not d.get("adapters"):
+            click.echo("adapters none running (`palate adapters list` shows what is installed)")
         for a in d.get("adapters", []):
             err = f", last error: {a['last_error']}" if a.get("last_error") else ""
             click.echo(
@@ -130,6 +136,67 @@ def doctor(as_json: bool) -> None:
                 click.echo(f"       fix: {c.fix}")
     if any(c.status == "fail" for c in checks):
         sys.exit(1)
+
+
+def _model_training_schedule(d: dict[str, Any], listing: dict[str, Any]) -> list[str]:
+    """The status lines the README promises: deployed model, training run, next run."""
+    from palate.cli.models import model_summary
+    from palate.cli.service import _run_line, _when
+    from palate.cli.training import overall_eta, phase_label
+
+    lines = [f"model    {model_summary(listing)}"]
+    if listing.get("deployed") is None and listing.get("models"):
+        v = listing["models"][0]["version"]
+        lines.append(
+            f"         why: `palate models show {v}`; deploy anyway: `palate deploy {v} --override`"
+        )
+    training = d.get("training") or {}
+    sched = d.get("schedule") or {}
+    cur = training.get("current")
+    if cur:
+        p = cur.get("progress") or {}
+        what = [phase_label(p) or str(cur.get("phase", "starting"))]
+        if isinstance(p.get("phase_percent"), (int, float)):
+            what.append(f"{p['phase_percent']:.0f}% of the phase")
+        what.append(overall_eta(p) or f"started {_when(cur.get('started'))}")
+        lines.append(f"training run {cur['id']} in progress: {', '.join(what)}")
+    elif sched.get("last_result") or training.get("last"):
+        last = sched.get("last_result") or _job_as_result(training["last"])
+        lines.append(f"training last run {_run_line(last)}")
+    else:
+        lines.append("training no run yet")
+    if not sched:
+        return lines
+    if not sched.get("enabled"):
+        lines.append("schedule off ([schedule] enabled = false); `palate train` runs one now")
+    elif sched.get("due") and sched.get("blocked"):
+        lines.append(f"schedule due now, waiting: {'; '.join(sched['blocked'])}")
+    else:
+        first = "first run" if sched.get("first_run") else "next run"
+        at = sched.get("config", {}).get("time", "")
+        waits = [
+            c["detail"]
+            for c in sched.get("conditions", [])
+            if not c.get("ok") and c.get("name") == "new_events"
+        ]
+        lines.append(
+            f"schedule {first} {_when(sched.get('next_run'))}, nightly at {at}"
+            + (f"; waiting for feedback: {waits[0]}" if waits else "")
+        )
+    return lines
+
+
+def _job_as_result(job: dict[str, Any]) -> dict[str, Any]:
+    res = job.get("result") or {}
+    return {
+        "job": job.get("id"),
+        "ts": job.get("finished"),
+        "outcome": job.get("outcome"),
+        "error": job.get("error"),
+        "version": res.get("version"),
+        "decision": res.get("decision"),
+        "deployed": res.get("deployed"),
+    }
 
 
 def _duration(s: float) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
-from palate.cli.common import emit, handles_errors, json_option
+from palate.cli.common import check_prompt, emit, handles_errors, json_option
 from palate.errors import PalateError
 from palate.wire.client import Client
 
@@ -35,6 +36,81 @@ def _model_row(m: dict[str, Any]) -> dict[str, Any]:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+# --- "no deployed model": what exists and what to do ----------------------------------------
+
+#: What a first run costs, from docs/benchmarks.md (1,626 HH pairs, SmolLM2-135M, 2 cores).
+TRAIN_TIME_HINT = "about 35 min for 1,600 pairs on a 2-core laptop CPU"
+
+_GATE_VERB = {"reject": "rejected", "hold": "held"}
+
+
+def next_steps(version: int) -> list[str]:
+    """What the user can do about a version the gate did not deploy (the gate never changes
+    its mind by itself: more evidence, or an explicit override)."""
+    return [
+        "what you can do:",
+        "  - give more, or different, feedback (`palate feedback`), then train again with "
+        "`palate train --wait`; pairs where the better answer is not simply the shorter or "
+        "the longer one teach the most",
+        f"  - deploy version {version} anyway (recorded as an override): "
+        f"`palate deploy {version} --override`",
+        f"  - see why: `palate models show {version}`, or `palate report {version} --out DIR`",
+    ]
+
+
+def model_summary(listing: Mapping[str, Any]) -> str:
+    """One line: the deployed version, or what exists instead (``status`` and errors)."""
+    versions = listing.get("models") or []
+    deployed = listing.get("deployed")
+    if deployed is not None:
+        row = next((m for m in versions if m["version"] == deployed), None)
+        acc = ((row or {}).get("meta") or {}).get("metrics", {}).get("accuracy")
+        acc_s = f", held-out accuracy {acc:.1%}" if isinstance(acc, (int, float)) else ""
+        return f"version {deployed} deployed{acc_s}"
+    if not versions:
+        return "none yet: no model has been trained"
+    newest = versions[0]
+    meta = newest.get("meta") or {}
+    decision = meta.get("decision")
+    what = (
+        f"{_GATE_VERB[decision]} by the gate"
+        if decision in _GATE_VERB
+        else f"{newest['state']} (gate: {decision or 'not evaluated'})"
+    )
+    return f"none deployed: version {newest['version']} ({_when(newest['created'])}) was {what}"
+
+
+def no_model_explanation(listing: Mapping[str, Any]) -> str:
+    """The message for every place that needs a deployed model and finds none: what exists
+    (version N, rejected, why) and what the user can do."""
+    versions = listing.get("models") or []
+    if not versions:
+        return (
+            "no model is deployed yet: no model has been trained.\n"
+            "Send feedback (`palate feedback`), then train one with `palate train --wait` "
+            f"({TRAIN_TIME_HINT}); the evaluation gate decides whether it is deployed."
+        )
+    newest = versions[0]
+    v = int(newest["version"])
+    lines = [f"no model is deployed: {model_summary(listing).split(': ', 1)[1]}"]
+    lines += [f"  - {r}" for r in (newest.get("meta") or {}).get("reasons", [])]
+    if len(versions) > 1:
+        lines.append(f"({len(versions)} versions exist, none deployed; `palate models` lists them)")
+    lines += next_steps(v)
+    return "\n".join(lines)
+
+
+def explain_no_model(c: Client, err: PalateError) -> PalateError:
+    """``err`` itself, or for ``no_model`` the same error with :func:`no_model_explanation`."""
+    if err.code != "no_model":
+        return err
+    try:
+        listing = c.call("models")
+    except PalateError:
+        return err
+    return PalateError("no_model", no_model_explanation(listing), err.details)
 
 
 @click.group(invoke_without_command=True)
@@ -142,7 +218,16 @@ def report(version: int | None, out_dir: Path, as_json: bool) -> None:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_report(out_dir / f"report-v{v}.html", html)
-    emit({"path": str(path), "version": v}, as_json, lambda d: click.echo(f"wrote {d['path']}"))
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"wrote {d['path']}")
+        if meta.get("decision") in _GATE_VERB and info["state"] != "deployed":
+            # The report is where a rejected first model is read: say what comes next.
+            click.echo(f"version {v} was {_GATE_VERB[meta['decision']]} by the gate.")
+            for line in next_steps(v):
+                click.echo(line)
+
+    emit({"path": str(path), "version": v}, as_json, human)
 
 
 @click.command()
@@ -228,24 +313,34 @@ def read_candidates(path: Path) -> list[str]:
     "--candidates",
     "cand_file",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="File of candidates: JSONL (strings or {text: ...}) or plain lines.",
 )
-@click.option("--top-k", type=int, help="Show only the best K.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Show only the best K (at least 1).")
 @json_option
 @handles_errors
 def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> None:
     """Order candidate responses to PROMPT by what you prefer (the deployed model decides)."""
-    cands = read_candidates(cand_file)
+    check_prompt(prompt, "PROMPT")
+    try:
+        cands = read_candidates(cand_file)
+    except PalateError as e:  # a file the user named that cannot be used: a usage mistake
+        raise click.BadParameter(e.message, param_hint="'--candidates'") from e
     with Client() as c:
-        res = c.rerank(prompt, cands, top_k=top_k)
+        try:
+            res = c.rerank(prompt, cands, top_k=top_k)
+        except PalateError as e:
+            raise explain_no_model(c, e) from e
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(
-            f"model version {d['version']}; "
-            f"{'confident' if d['confident'] else 'NOT confident'} "
-            f"(p(best > runner-up) = {d['p_top_over_next']:.2f})"
-        )
+        if len(cands) == 1:
+            click.echo(f"model version {d['version']}; one candidate, nothing to compare it with")
+        else:
+            click.echo(
+                f"model version {d['version']}; "
+                f"{'confident' if d['confident'] else 'NOT confident'} "
+                f"(p(best > runner-up) = {d['p_top_over_next']:.2f})"
+            )
         for rank, r in enumerate(d["ranked"], 1):
             text = cands[r["index"]].replace("\n", " ")
             click.echo(

@@ -366,6 +366,29 @@ def _train_in_daemon(wait: bool, as_json: bool) -> None:
         )
         for reason in r["reasons"]:
             click.echo(f"  - {reason}")
+        if not r["deployed"] and r.get("decision") in ("reject", "hold"):
+            from palate.cli.models import next_steps
+
+            _say_what_serves()
+            for line in next_steps(int(r["version"])):
+                click.echo(line)
+
+
+def _say_what_serves() -> None:
+    """After a run the gate did not deploy: which model (if any) keeps serving."""
+    from palate.errors import PalateError
+    from palate.wire.client import Client
+
+    try:
+        with Client() as c:
+            deployed = c.call("models").get("deployed")
+    except PalateError:
+        return
+    click.echo(
+        f"version {deployed} keeps serving."
+        if deployed is not None
+        else "no model is deployed, so `palate rerank` and `palate score` cannot answer yet."
+    )
 
 
 def _wait_with_bar(quiet: bool) -> dict[str, Any]:
@@ -393,9 +416,10 @@ def _wait_with_bar(quiet: bool) -> dict[str, Any]:
                 for k in ("loss", "acc", "tokens_per_s")
                 if isinstance(p.get(k), (int, float))
             )
+            info = " ".join(x for x in (info, overall_eta(p)) if x)
             bar.update(
                 task,
-                description=str(p.get("phase", "")),
+                description=phase_label(p),
                 total=p.get("total") or None,
                 completed=p.get("step") or 0,
                 info=info,
@@ -403,6 +427,26 @@ def _wait_with_bar(quiet: bool) -> dict[str, Any]:
 
         with Client(timeout=None, on_notify=on_notify) as c:
             return dict(c.train(wait=True, reason="palate train --wait")["job"])
+
+
+def phase_label(p: dict[str, Any]) -> str:
+    """``phase 3/5 cache`` from a progress line (just the phase from an older daemon)."""
+    name = str(p.get("phase_name") or p.get("phase") or "")
+    if p.get("phase_index") and p.get("phases"):
+        return f"phase {p['phase_index']}/{p['phases']} {name}"
+    return name
+
+
+def overall_eta(p: dict[str, Any]) -> str:
+    """``whole run: ~33 min left`` (the bar's own ETA covers the current phase only)."""
+    eta = p.get("overall_eta_s")
+    if not isinstance(eta, (int, float)):
+        return ""
+    return f"whole run: ~{_minutes(eta)} left"
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{max(1, round(s / 60))} min"
 
 
 def _train_with_bar(examples: list[Example], config: TrainConfig, base: Any) -> Any:
@@ -502,6 +546,9 @@ def score_command(
     model_dir: str | None, prompt: str, responses: tuple[str, ...], as_json: bool
 ) -> None:
     """Score RESPONSES to PROMPT: raw reward, z-score, and p(best beats each other)."""
+    from palate.cli.common import check_prompt
+
+    check_prompt(prompt, "PROMPT")
     if model_dir is None:
         _score_in_daemon(prompt, list(responses), as_json)
         return
@@ -530,18 +577,28 @@ def score_command(
         extra = f"  p(best>this)={r['p_best_beats']:.3f}" if r["p_best_beats"] is not None else ""
         click.echo(
             f"{mark} [{r['index']}] z={r['z']:+.3f} raw={r['raw']:+.4f}{extra}"
-            f"{'  (truncated)' if r['truncated'] else ''}"
+            f"{'  (truncated)' if r['truncated'] else ''}  {_echo(responses[r['index']])}"
         )
+
+
+def _echo(text: str, width: int = 60) -> str:
+    """The response a score belongs to, on one line, shortened to ``width`` characters."""
+    one = " ".join(text.split())
+    return repr(one if len(one) <= width else one[: width - 3] + "...")
 
 
 def _score_in_daemon(prompt: str, responses: list[str], as_json: bool) -> None:
     from palate.cli.common import EXIT_CODES
+    from palate.cli.models import explain_no_model
     from palate.errors import PalateError
     from palate.wire.client import Client
 
     try:
         with Client() as c:
-            res = c.score(prompt, responses)
+            try:
+                res = c.score(prompt, responses)
+            except PalateError as e:
+                raise explain_no_model(c, e) from e
     except PalateError as e:
         click.echo(f"palate: error: {e.message}", err=True)
         sys.exit(EXIT_CODES.get(e.code, 1))
@@ -554,5 +611,5 @@ def _score_in_daemon(prompt: str, responses: list[str], as_json: bool) -> None:
         mark = "*" if i == best else " "
         click.echo(
             f"{mark} [{i}] z={z:+.3f} raw={raw:+.4f}"
-            f"{'  (truncated)' if res['truncated'][i] else ''}"
+            f"{'  (truncated)' if res['truncated'][i] else ''}  {_echo(responses[i])}"
         )

@@ -18,6 +18,7 @@ import io
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,10 +148,23 @@ def _slice_lookup(m: Mapping[str, Any] | None, label: str) -> Mapping[str, Any] 
 
 
 def _slice_plot(m: Mapping[str, Any], dep: Mapping[str, Any] | None) -> str:
-    """Accuracy with 95% CIs per slice, the deployed model beside it, baselines as lines."""
-    rows = [(label, s) for label, s in _slice_rows(m) if s.get("n")]
-    fig = _new_fig(8.5, 1.2 + 0.42 * len(rows))
-    ax = fig.add_subplot()
+    return _png(slice_figure(m, dep))
+
+
+def slice_figure(m: Mapping[str, Any], dep: Mapping[str, Any] | None) -> Figure:
+    """Accuracy with 95% CIs per slice, the deployed model beside it, baselines as lines.
+
+    The probe set gets its own axis below: the length baselines are computed on the held-out
+    pairs and say nothing about the probes, so drawing them across the probe row misleads.
+    """
+    rows = [(label, s) for label, s in _slice_rows(m) if s.get("n") and label != PROBE_ROW]
+    probe = m.get("probes") or {}
+    fig = _new_fig(8.5, 1.2 + 0.42 * len(rows) + (0.9 if probe.get("n") else 0.0))
+    if probe.get("n"):
+        ax, pax = fig.subplots(2, 1, gridspec_kw={"height_ratios": [max(len(rows), 1) + 1.2, 1.6]})
+        _probe_axis(pax, probe, (dep or {}).get("probes"))
+    else:
+        ax = fig.add_subplot()
     ys = list(range(len(rows)))[::-1]
     for series, offset, source in (("candidate", 0.14, m), ("deployed", -0.14, dep)):
         if source is None:
@@ -196,7 +210,9 @@ def _slice_plot(m: Mapping[str, Any], dep: Mapping[str, Any] | None) -> str:
     lows = [float(s["ci_low"]) for _, s in rows] + [0.5]
     lows += [float(b[k]["accuracy"]) for k in ("always_longer", "always_shorter") if b[k]["n"]]
     if dep:
-        lows += [float(s["ci_low"]) for _, s in _slice_rows(dep) if s.get("n")]
+        lows += [
+            float(s["ci_low"]) for label, s in _slice_rows(dep) if s.get("n") and label != PROBE_ROW
+        ]
     # A little past 100% so a dot at 100% is not cut in half by the frame.
     ax.set_xlim(max(0.0, math.floor(10 * min(lows) - 0.5) / 10), 1.015)
     ax.set_ylim(-0.7, len(rows) - 0.3)
@@ -204,7 +220,32 @@ def _slice_plot(m: Mapping[str, Any], dep: Mapping[str, Any] | None) -> str:
     ax.set_xlabel("pairwise accuracy (95% CI); ties count as wrong")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
-    return _png(fig)
+    return fig
+
+
+PROBE_ROW = "probe set"
+
+
+def _probe_axis(ax: Any, probe: Mapping[str, Any], dep: Mapping[str, Any] | None) -> None:
+    """The probe set's accuracy on an axis of its own (0-100%, chance marked, no baselines)."""
+    for series, y, s in (("candidate", 0.15, probe), ("deployed", -0.15, dep)):
+        if not s or not s.get("n") or s.get("accuracy") is None:
+            continue
+        acc = float(s["accuracy"])
+        err = [[max(0.0, acc - float(s["ci_low"]))], [max(0.0, float(s["ci_high"]) - acc)]]
+        ax.errorbar(
+            acc, y if dep else 0, xerr=err, fmt="o", ms=6, capsize=3, color=_COLOURS[series]
+        )
+    ax.axvline(0.5, color="#bbb", lw=1)
+    ax.set_xlim(0.0, 1.015)
+    ax.set_ylim(-0.6, 0.6)
+    ax.set_yticks([0])
+    ax.set_yticklabels([f"probe set  (n={probe['n']})"])
+    ax.xaxis.set_major_formatter(lambda x, _pos: f"{100 * x:.0f}%")
+    ax.set_xlabel(
+        "probe accuracy: obvious pairs shipped with Palate (length baselines do not apply)"
+    )
+    ax.grid(axis="x", alpha=0.3)
 
 
 def _reliability_plot(cal: Mapping[str, Any]) -> str:
@@ -395,7 +436,7 @@ def _history(history: Sequence[Mapping[str, Any]]) -> str:
         dec = h.get("decision")
         action = dec.get("action") if isinstance(dec, Mapping) else dec
         rows.append(
-            f"<tr><td>{_e(h.get('version', ''))}</td><td>{_e(h.get('created', ''))}</td>"
+            f"<tr><td>{_e(h.get('version', ''))}</td><td>{_e(_date(h.get('created')))}</td>"
             f"<td>{_e(h.get('state', ''))}</td><td class='num'>{_pct(acc)}</td>"
             f"<td>{_e(action or '')}</td></tr>"
         )
@@ -403,6 +444,13 @@ def _history(history: Sequence[Mapping[str, Any]]) -> str:
         "<h2>Version history</h2><table><tr><th>version</th><th>created</th><th>state</th>"
         "<th>accuracy</th><th>decision</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _date(ts: Any) -> str:
+    """A registry timestamp (Unix seconds) as the local date and time a person reads."""
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    return "" if ts is None else str(ts)
 
 
 def _examples(examples: Sequence[Mapping[str, Any]]) -> str:

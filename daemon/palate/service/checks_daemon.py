@@ -35,6 +35,9 @@ def training_check(paths: Paths, status: dict[str, Any] | None = None) -> Check:
         except PalateError as e:
             return Check("training", "warn", f"cannot tell: {e.message}", "start the daemon")
     sched = status.get("schedule") or {}
+    current = (status.get("training") or {}).get("current")
+    if current:
+        return Check("training", "ok", _running(current))
     last = sched.get("last_result") or _from_jobs(status)
     success = sched.get("last_success")
     nxt = sched.get("next_run")
@@ -64,6 +67,23 @@ def training_check(paths: Paths, status: dict[str, Any] | None = None) -> Check:
             "`palate schedule` shows what blocks the nightly run",
         )
     return Check("training", "ok", f"last run {desc}{when_next}")
+
+
+def _running(job: dict[str, Any]) -> str:
+    """A run in progress, as ``status`` reports it: phase N of M, percent, overall ETA."""
+    p = job.get("progress") or {}
+    text = f"run {job.get('id')} in progress (started {_ago(float(job.get('started') or 0))})"
+    phase = p.get("phase_name") or job.get("phase") or "starting"
+    if p.get("phase_index") and p.get("phases"):
+        text += f": phase {p['phase_index']} of {p['phases']} ({phase})"
+    else:
+        text += f": {phase}"
+    if isinstance(p.get("phase_percent"), (int, float)):
+        text += f", {p['phase_percent']:.0f}%"
+    eta = p.get("overall_eta_s")
+    if isinstance(eta, (int, float)):
+        text += f", whole run about {max(1, round(eta / 60))} min left"
+    return text
 
 
 def _from_jobs(status: dict[str, Any]) -> dict[str, Any] | None:
