@@ -80,6 +80,7 @@ def build_config(
     data_summary: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     train_config: dict[str, Any] | None = None,
+    members: int = 1,
 ) -> dict[str, Any]:
     """The JSON config of an artifact (see module docstring)."""
     return {
@@ -92,12 +93,16 @@ def build_config(
             "num_layers": int(base.num_layers),
         },
         "lora": lora.to_json(),
-        "head": {"pooling": "last_token", "padding": "right", "outputs": 1},
+        "head": {"pooling": "last_token", "padding": "right", "outputs": members},
+        # K heads on the shared trunk, each trained on its own bootstrap resample; the score
+        # is their mean (model/ensemble.py). Absent in older artifacts: one member.
+        "ensemble": {"members": members, "kind": "heads", "resample": "poisson-bootstrap"},
         "max_tokens": int(max_tokens),
         "calibration": {
             "mean": calibration.mean,
             "std": calibration.std,
             "temperature": calibration.temperature,
+            "member_offsets": list(calibration.member_offsets),
         },
         "training_data": data_summary or {},
         "metrics": metrics or {},
@@ -127,8 +132,10 @@ def to_bytes(artifact: ModelArtifact) -> bytes:
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
-def from_bytes(blob: bytes) -> ModelArtifact:
-    """Parse bytes written by :func:`to_bytes`; every structural problem is an ArtifactError."""
+def from_bytes(blob: bytes, expect: str = FORMAT) -> ModelArtifact:
+    """Parse bytes written by :func:`to_bytes`; every structural problem is an ArtifactError.
+
+    ``expect`` is the format the config must name (policy adapters use their own)."""
     try:
         (n,) = struct.unpack("<Q", blob[:8])
         header = json.loads(blob[8 : 8 + n].decode("utf-8"))
@@ -136,9 +143,9 @@ def from_bytes(blob: bytes) -> ModelArtifact:
         config = json.loads(meta["palate"])
     except Exception as exc:
         raise ArtifactError(f"not a Palate model artifact ({type(exc).__name__}: {exc})") from exc
-    if config.get("format") != FORMAT:
+    if config.get("format") != expect:
         raise ArtifactError(
-            f"unsupported artifact format {config.get('format')!r} (expected {FORMAT})"
+            f"unsupported artifact format {config.get('format')!r} (expected {expect})"
         )
     data = memoryview(blob)[8 + n :]
     tensors: dict[str, np.ndarray] = {}
@@ -160,7 +167,7 @@ def save_dir(artifact: ModelArtifact, path: str | Path) -> Path:
     return out
 
 
-def load_dir(path: str | Path) -> ModelArtifact:
+def load_dir(path: str | Path, expect: str = FORMAT) -> ModelArtifact:
     p = Path(path)
     weights = p / WEIGHTS_FILE
     if not weights.is_file():
@@ -169,10 +176,17 @@ def load_dir(path: str | Path) -> ModelArtifact:
             "create one with `palate train --data FILE --output DIR`",
             path=str(p),
         )
-    return from_bytes(weights.read_bytes())
+    return from_bytes(weights.read_bytes(), expect)
 
 
 def artifact_from_model(model: RewardModel, config: dict[str, Any]) -> ModelArtifact:
+    """The model's trainable tensors under ``config``; its ensemble size is the model's."""
+    members = int(model.members)
+    config = {
+        **config,
+        "head": {**config.get("head", {}), "outputs": members},
+        "ensemble": {**config.get("ensemble", {}), "members": members},
+    }
     return ModelArtifact(
         tensors={k: np.array(v, dtype=np.float32) for k, v in model.trainable_state().items()},
         config=config,
@@ -222,7 +236,8 @@ def load_model(artifact: ModelArtifact, base: Any | None = None) -> LoadedModel:
             + "; ".join(problems),
             problems=problems,
         )
-    model = RewardModel(base.model, LoraConfig.from_json(cfg["lora"]))
+    members = int(cfg.get("ensemble", {}).get("members", 1))
+    model = RewardModel(base.model, LoraConfig.from_json(cfg["lora"]), members=members)
     expected = {k: tuple(v.shape) for k, v in model.trainable_state().items()}
     got = {k: tuple(v.shape) for k, v in artifact.tensors.items()}
     issues = [f"missing tensor {k} {expected[k]}" for k in sorted(expected.keys() - got.keys())]
@@ -240,5 +255,10 @@ def load_model(artifact: ModelArtifact, base: Any | None = None) -> LoadedModel:
     model.update(tree_unflatten([(k, mx.array(v)) for k, v in artifact.tensors.items()]))
     mx.eval(model.parameters())
     c = cfg["calibration"]
-    calib = Calibration(float(c["mean"]), float(c["std"]), float(c["temperature"]))
+    calib = Calibration(
+        float(c["mean"]),
+        float(c["std"]),
+        float(c["temperature"]),
+        tuple(float(x) for x in c.get("member_offsets", ())),
+    )
     return LoadedModel(model=model, base=base, config=cfg, calibration=calib)

@@ -259,8 +259,8 @@ class CpuEngine:
         self.embed = _np(model.embed_tokens.weight)
         self.norm_w = _np(model.norm.weight)
         self.norm_eps = float(model.norm.eps)
-        self.head_w = _np(model.head.weight)[0]  # (D,)
-        self.head_b = float(np.asarray(model.head.bias)[0])
+        self.head_w = np.ascontiguousarray(_np(model.head.weight).T)  # (D, K): K members
+        self.head_b = _np(model.head.bias)  # (K,)
         self.blocks = [_block(layer) for layer in model.layers]
         self.head_dim = self.blocks[0].wo.shape[0] // self.n_heads
         self.threads = max(1, threads)
@@ -453,7 +453,7 @@ class CpuEngine:
         o = self._attend(q, keys_t, values, row_mask)
         h = self._mlp(b, h_last + _gemm(o, b.wo))[:, 0]  # (S, D)
         out: np.ndarray = _rms(h, self.norm_w, self.norm_eps) @ self.head_w + self.head_b
-        return out.astype(np.float32)
+        return (out[:, 0] if out.shape[1] == 1 else out).astype(np.float32)  # (S,) or (S, K)
 
     def close(self) -> None:
         """Drop the weight snapshot (the worker threads are shared and stay)."""

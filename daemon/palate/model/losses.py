@@ -14,7 +14,7 @@ gives exactly the gradient of the whole batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 try:
     from palate.model.blas import ensure_fast_blas
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["LossInputs", "LossTerms", "preference_loss"]
+__all__ = ["LossInputs", "LossTerms", "ensemble_loss", "preference_loss"]
 
 
 @dataclass
@@ -39,6 +39,8 @@ class LossInputs:
     rating_idx: mx.array  # (Q,)
     label: mx.array  # (Q,)
     rating_weight: mx.array  # (Q,)
+    #: Ensembles: each member's bootstrap multiplier of the weights, (P, K) and (Q, K).
+    member_weight: tuple[mx.array, mx.array] | None = None
 
 
 @dataclass
@@ -84,3 +86,36 @@ def preference_loss(
         count += inputs.rating_idx.shape[0]
     loss = nll / weight_norm + center * (rewards * rewards).sum() / rows_norm
     return LossTerms(loss=loss, nll_sum=nll, correct=correct, count=mx.array(count))
+
+
+def ensemble_loss(
+    rewards: mx.array,
+    inputs: LossInputs,
+    delta: float,
+    center: float,
+    weight_norm: float,
+    rows_norm: float,
+) -> LossTerms:
+    """The mean over K members of each member's :func:`preference_loss` on its own
+    bootstrap weights; ``rewards`` (S, K). The shared trunk gets the members' mean gradient
+    (the size of one model's), each head its own. ``nll_sum`` and ``correct`` describe the
+    ensemble's score (the member mean) on the unresampled weights, for progress reports."""
+    assert inputs.member_weight is not None
+    pm, rm = inputs.member_weight
+    plain = replace(inputs, member_weight=None)
+    k = rewards.shape[1]
+    loss = mx.array(0.0)
+    for j in range(k):
+        member = replace(
+            plain,
+            pair_weight=inputs.pair_weight * pm[:, j],
+            rating_weight=inputs.rating_weight * rm[:, j],
+        )
+        loss = (
+            loss
+            + preference_loss(rewards[:, j], member, delta, center, weight_norm, rows_norm).loss
+        )
+    report = preference_loss(rewards.mean(axis=1), plain, delta, 0.0, weight_norm, rows_norm)
+    return LossTerms(
+        loss=loss / k, nll_sum=report.nll_sum, correct=report.correct, count=report.count
+    )

@@ -293,7 +293,9 @@ class RewardModel(nn.Module):
     matrices and the head; everything else is frozen.
     """
 
-    def __init__(self, base_lm: nn.Module, lora: LoraConfig, seed: int = 0) -> None:
+    def __init__(
+        self, base_lm: nn.Module, lora: LoraConfig, seed: int = 0, members: int = 1
+    ) -> None:
         super().__init__()
         backbone = base_lm.model
         n_layers = len(backbone.layers)
@@ -318,10 +320,12 @@ class RewardModel(nn.Module):
         self.layers = lower + _lora_blocks(list(backbone.layers[top:]), lora)
         self.lora = lora
         hidden = int(self.embed_tokens.weight.shape[-1])
-        self.head = nn.Linear(hidden, 1)
+        # One output per ensemble member (model/ensemble.py); each row its own random init.
+        self.members = members
+        self.head = nn.Linear(hidden, members)
         # Small init (as OpenRLHF): scores start near 0, yet gradients reach the LoRA weights.
-        self.head.weight = mx.random.normal((1, hidden)) * (1.0 / (hidden + 1))
-        self.head.bias = mx.zeros((1,))
+        self.head.weight = mx.random.normal((members, hidden)) * (1.0 / (hidden + 1))
+        self.head.bias = mx.zeros((members,))
         self.hidden_size = hidden
         self.num_layers = n_layers
         #: Blocks below this index are frozen and can be cached (see training.py). The last
@@ -333,7 +337,8 @@ class RewardModel(nn.Module):
         return self.embed_tokens(tokens)  # (B, L, D)
 
     def _head(self, h_last: mx.array) -> mx.array:
-        return self.head(self.norm(h_last))[..., 0]  # (S,)
+        out = self.head(self.norm(h_last))  # (S, K)
+        return out[..., 0] if self.members == 1 else out  # (S,) for one member
 
     def forward_groups(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -37,6 +37,7 @@ from palate.model.batching import (
     split_batch,
 )
 from palate.model.cpu_forward import CpuEngine, cpu_engine_unsupported, default_threads
+from palate.model.ensemble import member_stats
 from palate.model.reward_model import (
     Messages,
     RewardModel,
@@ -63,6 +64,9 @@ class Calibration:
     mean: float = 0.0
     std: float = 1.0
     temperature: float = 1.0
+    #: Each ensemble member's mean score on validation data: removed before the spread is
+    #: taken, since a Bradley-Terry member's constant offset says nothing (model/ensemble.py).
+    member_offsets: tuple[float, ...] = ()
 
     def z(self, r: np.ndarray) -> np.ndarray:
         return (r - self.mean) / max(self.std, 1e-8)
@@ -146,11 +150,20 @@ def group_rewards(
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Scores of the candidates of one prompt, in input order."""
+    """Scores of the candidates of one prompt, in input order. ``raw`` is the ensemble's
+    member mean, ``members`` each candidate's member scores, ``uncertainty`` their spread
+    (0 for a one-member model)."""
 
     raw: list[float]
     z: list[float]
     truncated: list[bool]
+    members: list[list[float]] = field(default_factory=list)
+    uncertainty: list[float] = field(default_factory=list)
+
+
+def mean_rewards(r: np.ndarray) -> np.ndarray:
+    """The score of rewards (N,) or member rewards (N, K): the member mean."""
+    return r.mean(axis=-1) if r.ndim == 2 else r
 
 
 class Scorer:
@@ -226,26 +239,34 @@ class Scorer:
         )
         out = []
         for sl in slots:
-            raw = np.array([rewards[g][j] for g, j in sl], dtype=np.float32)
+            raw = np.array([rewards[g][j] for g, j in sl], dtype=np.float32)  # (N,) or (N, K)
             out.append((raw, [groups[g].truncation.truncated for g, _ in sl]))
         return out
 
+    def _result(self, members: np.ndarray, truncated: list[bool]) -> ScoreResult:
+        m = members if members.ndim == 2 else members[:, None]  # (N, K)
+        offsets = self.calibration.member_offsets
+        raw, spread = member_stats(m, offsets if len(offsets) == m.shape[1] else None)
+        return ScoreResult(
+            raw=[float(x) for x in raw],
+            z=[float(x) for x in self.calibration.z(raw)],
+            truncated=truncated,
+            members=m.astype(np.float64).tolist(),
+            uncertainty=[float(x) for x in spread],
+        )
+
     def raw_scores(self, prompt: str | Messages, responses: Sequence[str]) -> np.ndarray:
-        """Raw rewards (N,) for the responses to one prompt."""
+        """Raw rewards (N,) for the responses to one prompt (the member mean)."""
         if not responses:
             return np.zeros(0, dtype=np.float32)
-        return self._run([(prompt, responses)])[0][0]
+        return mean_rewards(self._run([(prompt, responses)])[0][0])
 
     def score(self, prompt: str | Messages, responses: Sequence[str]) -> ScoreResult:
         """Raw and z-normalised scores of each response, and whether it was truncated."""
         if not responses:
             return ScoreResult(raw=[], z=[], truncated=[])
         raw, truncated = self._run([(prompt, responses)])[0]
-        return ScoreResult(
-            raw=[float(x) for x in raw],
-            z=[float(x) for x in self.calibration.z(raw)],
-            truncated=truncated,
-        )
+        return self._result(raw, truncated)
 
     def score_many(
         self, requests: Sequence[tuple[str | Messages, Sequence[str]]]
@@ -260,20 +281,22 @@ class Scorer:
                 out.append(ScoreResult(raw=[], z=[], truncated=[]))
                 continue
             raw, truncated = next(results)
-            out.append(
-                ScoreResult(
-                    raw=[float(x) for x in raw],
-                    z=[float(x) for x in self.calibration.z(raw)],
-                    truncated=truncated,
-                )
-            )
+            out.append(self._result(raw, truncated))
         return out
 
     def score_pairs(
         self, items: Sequence[tuple[str | Messages, str, str]]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rewards (a, b) for many (prompt, a, b) triples, batched across prompts; equal to
-        what :meth:`score` gives one request at a time."""
+        what :meth:`score` gives one request at a time (the member mean)."""
+        a, b = self.score_pairs_members(items)
+        return mean_rewards(a), mean_rewards(b)
+
+    def score_pairs_members(
+        self, items: Sequence[tuple[str | Messages, str, str]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Member rewards (n, K) of a and of b for (prompt, a, b) triples ((n,) for a
+        one-member model)."""
         if not items:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
         res = self._run([(p, [a, b]) for p, a, b in items])

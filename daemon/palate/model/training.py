@@ -40,6 +40,7 @@ import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
 from palate.evaluation.metrics import fit_temperature
+from palate.evaluation.split import example_key, split_items
 from palate.model.batching import (
     EncodedGroup,
     Example,
@@ -49,16 +50,17 @@ from palate.model.batching import (
     collate,
     encode_examples,
     split_batch,
-    split_key,
 )
 from palate.model.cpu_forward import CpuEngine, default_threads
-from palate.model.losses import LossInputs, preference_loss
+from palate.model.ensemble import bootstrap_weights
+from palate.model.losses import LossInputs, ensemble_loss, preference_loss
 from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads
 from palate.model.scoring import (
     Calibration,
     batch_arrays,
     group_rewards,
     make_streams,
+    mean_rewards,
     use_cpu_engine,
 )
 
@@ -104,6 +106,9 @@ class TrainConfig:
         True, "on CPU, run gradient-free passes (prefix cache, validation) in numpy (faster)"
     )
     seed: int = _f(0, "seed for init and batch order; same seed, same model")
+    members: int = _f(
+        5, "ensemble members: heads on the shared trunk, each on its own bootstrap resample"
+    )
 
     def lora(self) -> LoraConfig:
         return LoraConfig(
@@ -151,16 +156,23 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+#: Salt of the validation split: the held-out split's function (evaluation/split.py), so
+#: near-duplicates stay on one side by the same rules, dealt independently of it.
+VAL_SALT = "palate-val:v2:"
+
+
 def _split(examples: Sequence[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """Validation examples for early stopping and calibration, by :func:`split_items`.
+
+    Unlike the held-out split this one may give up: with fewer than 20 examples, or when every
+    key landed on the validation side, everything trains and nothing validates.
+    """
     if fraction <= 0 or len(examples) < 20:
         return list(examples), []
-    train: list[Example] = []
-    val: list[Example] = []
-    for ex in examples:
-        (val if split_key(ex.prompt, "palate-val:") < fraction else train).append(ex)
-    if not train:
+    split = split_items(examples, key=example_key, fraction=fraction, salt=VAL_SALT)
+    if not split.train:
         return list(examples), []
-    return train, val
+    return split.train, split.heldout
 
 
 def build_prefix_cache(
@@ -219,7 +231,19 @@ def build_prefix_cache(
     return out
 
 
-def _loss_inputs(b: Any) -> LossInputs:
+def _loss_inputs(
+    b: Any,
+    groups: Sequence[EncodedGroup] = (),
+    shard: Sequence[int] = (),
+    boot: np.ndarray | None = None,
+) -> LossInputs:
+    """The loss inputs of a collated batch; with ``boot`` (K, n) bootstrap weights, each
+    member's multipliers for the batch's pairs and ratings (collate keeps group order)."""
+    member_weight = None
+    if boot is not None:
+        pairs = [i for i in shard if groups[i].kind == "pair"]
+        ratings = [i for i in shard if groups[i].kind != "pair"]
+        member_weight = (mx.array(boot[:, pairs].T), mx.array(boot[:, ratings].T))
     return LossInputs(
         pair_idx=mx.array(b.pair_idx),
         margin=mx.array(b.margin),
@@ -227,6 +251,7 @@ def _loss_inputs(b: Any) -> LossInputs:
         rating_idx=mx.array(b.rating_idx),
         label=mx.array(b.label),
         rating_weight=mx.array(b.rating_weight),
+        member_weight=member_weight,
     )
 
 
@@ -248,7 +273,8 @@ def _evaluate(
         if engine is not None:
             engine.close()
     nll, correct, count = 0.0, 0, 0
-    for g, r in zip(groups, rewards, strict=True):
+    for g, r_members in zip(groups, rewards, strict=True):
+        r = mean_rewards(r_members)
         if g.kind == "pair":
             d = float(r[0] - r[1])
             nll += float(np.logaddexp(0.0, -(d - g.margin)))
@@ -318,7 +344,7 @@ def train_reward_model(
         )
     )
 
-    model = RewardModel(base.model, config.lora(), seed=config.seed)
+    model = RewardModel(base.model, config.lora(), seed=config.seed, members=config.members)
     hidden: Hidden | None = None
     start = 0
     t_cache = time.monotonic()
@@ -354,6 +380,9 @@ def train_reward_model(
     val_h = hidden[len(train_g) :] if hidden is not None else None
 
     rng = np.random.default_rng(config.seed)
+    boot = (
+        bootstrap_weights(len(train_g), config.members, config.seed) if config.members > 1 else None
+    )
     n_batches = len(bucket_batches(train_g, config.batch_tokens))
     steps_per_epoch = math.ceil(n_batches / config.grad_accum)
     # Small data sets (a user's first weeks of feedback) get more passes: one pass over 100
@@ -374,6 +403,9 @@ def train_reward_model(
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         rewards = m.forward_groups(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], start)
         assert not isinstance(rewards, tuple)
+        if rewards.ndim == 2:  # (S, K): an ensemble
+            t = ensemble_loss(rewards, li, delta, config.center_coef, wn, rn)
+            return t.loss, t.nll_sum, t.correct, rewards.mean(axis=1).sum()
         t = preference_loss(rewards, li, delta, config.center_coef, wn, rn)
         return t.loss, t.nll_sum, t.correct, rewards.sum()
 
@@ -417,7 +449,12 @@ def train_reward_model(
                 with mx.stream(stream):
                     outs.append(
                         loss_and_grad(
-                            model, batch_arrays(batch), _loss_inputs(batch), delta, wn, rn
+                            model,
+                            batch_arrays(batch),
+                            _loss_inputs(batch, train_g, shard, boot),
+                            delta,
+                            wn,
+                            rn,
                         )
                     )
                 tokens_done += batch.tokens
@@ -486,13 +523,20 @@ def train_reward_model(
     calib_g, calib_h, calib_src = (
         (val_g, val_h, "validation") if len(val_g) >= 8 else (train_g, train_h, "train")
     )
-    c_loss, c_acc, c_rewards = _evaluate(model, calib_g, calib_h, config, streams, delta)
+    c_loss, c_acc, c_members = _evaluate(model, calib_g, calib_h, config, streams, delta)
+    c_rewards = [mean_rewards(r) for r in c_members]
     all_r = np.concatenate([r for r in c_rewards]) if c_rewards else np.zeros(1)
     diffs = np.array(
         [r[0] - r[1] for g, r in zip(calib_g, c_rewards, strict=True) if g.kind == "pair"],
     )
+    offsets: tuple[float, ...] = ()
+    if config.members > 1 and c_members:
+        offsets = tuple(float(x) for x in np.concatenate(c_members).mean(axis=0))
     calibration = Calibration(
-        mean=float(all_r.mean()), std=float(all_r.std() or 1.0), temperature=fit_temperature(diffs)
+        mean=float(all_r.mean()),
+        std=float(all_r.std() or 1.0),
+        temperature=fit_temperature(diffs),
+        member_offsets=offsets,
     )
     metrics = {
         "steps": step,
