@@ -20,6 +20,7 @@ explains every knob of :class:`GatePolicy` and why its default is what it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,10 @@ Status = Literal["pass", "fail", "skip", "info"]
 Metrics = Mapping[str, Any]
 
 _EPS = 1e-9  # float slack so "exactly at the threshold" passes
+#: Held-out ratings enough to judge a model without pairs. A rating carries less than a pair
+#: (it has no partner to be right about); with 100 ratings, 30+ of the rarer class, the 95%
+#: interval of an AUC of 0.70 is about +-0.11, as wide as 50 pairs give an accuracy.
+MIN_HELDOUT_RATINGS = 100
 
 
 def _h(default: Any, help: str) -> Any:
@@ -53,16 +58,42 @@ class GatePolicy:
     baseline_margin: float = _h(
         0.05, "accuracy must beat the best of always-longer/always-shorter by this much"
     )
+    min_heldout_ratings: int = _h(
+        MIN_HELDOUT_RATINGS,
+        "held-out ratings that are enough to judge on their own (users who send only ratings)",
+    )
+    min_rating_class: int = _h(
+        15, "ratings are judged only with at least this many good AND this many bad ones"
+    )
+    rating_require_above_chance: bool = _h(
+        True, "the 95% bootstrap lower bound of the ratings' AUC must exceed 0.5"
+    )
+    rating_baseline_margin: float = _h(
+        0.02, "the ratings' AUC must beat the best length-only rule's AUC by this much"
+    )
     min_slice_pairs: int = _h(
         50, "a source/domain/length slice is judged for regression only with this many pairs"
     )
+    regression_alpha: float = _h(
+        0.10,
+        "family-wise level of the regression tests: a test rejects only when its one-sided "
+        "p-value, Holm-adjusted over every test run against the deployed model, is <= this",
+    )
     overall_regression_tolerance: float = _h(
-        0.02,
-        "one-sided 95% paired-bootstrap lower bound of (candidate - deployed) accuracy "
-        "over all pairs must be >= -this",
+        0.0,
+        "accuracy drop (vs the deployed model, all pairs) that is never a regression; a "
+        "larger drop rejects only when significant (regression_alpha)",
     )
     slice_regression_tolerance: float = _h(
-        0.05, "the same bound on every slice with >= min_slice_pairs pairs must be >= -this"
+        0.02, "the same for every slice with >= min_slice_pairs pairs"
+    )
+    logloss_regression_tolerance: float = _h(
+        0.0,
+        "increase of the pairs' log loss (nats per pair, each model at its fitted "
+        "temperature) that is never a regression; a larger one rejects only when significant",
+    )
+    rating_regression_tolerance: float = _h(
+        0.0, "drop of the ratings' AUC that is never a regression; larger: tested as above"
     )
     max_jump: float = _h(
         0.15, "an accuracy gain over the deployed model larger than this is held as suspicious"
@@ -79,7 +110,9 @@ class GatePolicy:
     max_length_spearman: float = _h(0.50, "|Spearman(score, length)| above this holds for review")
     probe_floor: float = _h(0.50, "probe-set accuracy must be at least this")
     probe_max_drop: float = _h(
-        0.04, "probe-set accuracy may drop at most this much below the deployed model's"
+        0.04,
+        "probe-set accuracy may drop at most this much below the deployed model's, rounded "
+        "up to whole probes (0.04 of 48 probes: 2 probes)",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -258,9 +291,138 @@ def _length_checks(m: Metrics, p: GatePolicy) -> list[Check]:
     return out
 
 
-def _comparison_checks(m: Metrics, dep: Metrics, p: GatePolicy) -> list[Check]:
+def _phi(z: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def _se(st: Mapping[str, Any]) -> float | None:
+    """The bootstrap standard error; recovered from the 5% quantile in metrics recorded
+    before ``se`` existed (normal approximation)."""
+    if st.get("se") is not None:
+        return float(st["se"])
+    if st.get("lower_95") is not None and st.get("diff") is not None:
+        return max(0.0, (float(st["diff"]) - float(st["lower_95"])) / 1.6449)
+    return None
+
+
+@dataclass
+class _Test:
+    """One "is the candidate worse than the deployed model by more than tol?" test."""
+
+    name: str
+    family: str  # "all pairs", "slices" or "ratings": Holm corrects within a family
+    diff: float  # candidate - deployed, in the metric's units (positive: candidate better)
+    se: float | None
+    tol: float
+    describe: str  # the numbers, as a sentence fragment
+    unit: str  # how to print diff and tol
+
+    @property
+    def p(self) -> float:
+        """One-sided p-value of H0 "diff >= -tol" (normal approximation, bootstrap SE)."""
+        if not self.se or self.se <= 0:
+            return 0.0 if self.diff < -self.tol - _EPS else 1.0
+        return _phi((self.diff + self.tol) / self.se)
+
+
+def _holm(ps: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down; controls the family-wise error at any level)."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    adj = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        adj[i] = running
+    return adj
+
+
+def _fmt(x: float, unit: str) -> str:
+    return _pts(x) if unit == "pts" else f"{x:+.3f} {unit}"
+
+
+def _pair_tests(vs: Mapping[str, Any], p: GatePolicy) -> tuple[list[_Test], list[Check]]:
+    """The accuracy and log-loss tests on all pairs and on every slice big enough to judge."""
+    tests: list[_Test] = []
+    skipped: list[Check] = []
+    o = vs["overall"]
+    groups: list[tuple[str, str, Mapping[str, Any], float]] = [
+        ("", "all pairs", o, p.overall_regression_tolerance)
+    ]
+    for name, st in sorted(vs["slices"].items()):
+        label = _slice_label(name)
+        if st["n"] < p.min_slice_pairs:
+            skipped.append(
+                Check(
+                    f"no_regression[{name}]",
+                    "skip",
+                    "reject",
+                    f"Slice {label}: {st['n']} pairs, too few to judge "
+                    f"(needs {p.min_slice_pairs}).",
+                )
+            )
+        elif st["n"] >= o["n"]:  # the slice is every pair: testing it again adds nothing
+            skipped.append(
+                Check(
+                    f"no_regression[{name}]",
+                    "skip",
+                    "reject",
+                    f"Slice {label} holds every pair; judged as the whole set.",
+                )
+            )
+        else:
+            groups.append((f"[{name}]", f"slice {label}", st, p.slice_regression_tolerance))
+    for suffix, label, st, tol in groups:
+        family = "slices" if suffix else "all pairs"
+        ci = (
+            f"; 95% CI {_pts(st['ci_low'])} to {_pts(st['ci_high'])}"
+            if st.get("ci_low") is not None
+            else ""
+        )
+        tests.append(
+            _Test(
+                "no_regression" + suffix,
+                family,
+                float(st["diff"]),
+                _se(st),
+                tol,
+                f"accuracy on {label} ({st['n']} pairs): {_pct(st['candidate_accuracy'])} vs "
+                f"{_pct(st['deployed_accuracy'])} ({_pts(st['diff'])}, {st['wins']} pairs won, "
+                f"{st['losses']} lost{ci})",
+                "pts",
+            )
+        )
+        ll = st.get("logloss")
+        if ll and ll.get("diff") is not None:
+            tests.append(
+                _Test(
+                    "no_regression_logloss" + suffix,
+                    family,
+                    float(ll["diff"]),
+                    _se(ll),
+                    p.logloss_regression_tolerance,
+                    f"log loss on {label}: {ll['candidate']:.3f} vs {ll['deployed']:.3f} nats "
+                    f"per pair (improvement {ll['diff']:+.3f})",
+                    "nats",
+                )
+            )
+    return tests, skipped
+
+
+def _comparison_checks(
+    m: Metrics, dep: Metrics, p: GatePolicy, pairs_judged: bool, ratings_judged: bool
+) -> list[Check]:
+    """The regression rule: every comparison with the deployed model, Holm-corrected.
+
+    Each test asks "is the candidate worse by more than its tolerance?" and rejects only when
+    the data say so at the family-wise level ``regression_alpha``: the tolerance is the noise
+    of the held-out set (its bootstrap standard error, by prompt), not a fixed number of
+    points that an equal model misses half the time (docs/evaluation.md, operating
+    characteristic).
+    """
     fc, fd = m.get("pairs_fingerprint"), dep.get("pairs_fingerprint")
-    if fc and fd and fc != fd:
+    if pairs_judged and fc and fd and fc != fd:
         return [
             Check(
                 "comparable",
@@ -271,67 +433,82 @@ def _comparison_checks(m: Metrics, dep: Metrics, p: GatePolicy) -> list[Check]:
                 "pairs.",
             )
         ]
-    vs = m.get("vs_deployed")
-    if not vs:
+    vs = m.get("vs_deployed") or {}
+    need_pairs = pairs_judged and not vs.get("overall")
+    need_ratings = ratings_judged and (vs.get("ratings") or {}).get("diff") is None
+    if need_pairs or (need_ratings and not pairs_judged):
+        what = "pairs" if need_pairs else "ratings"
         return [
             Check(
                 "comparable",
                 "fail",
                 "hold",
-                "There is a deployed model but no paired comparison with it on the same "
-                "pairs, so a regression cannot be ruled out.",
+                f"There is a deployed model but no paired comparison with it on the same "
+                f"{what}, so a regression cannot be ruled out.",
             )
         ]
-    out = []
-    o = vs["overall"]
-    lb, diff = float(o["lower_95"]), float(o["diff"])
-    out.append(
-        Check(
-            "no_regression",
-            "pass" if lb + _EPS >= -p.overall_regression_tolerance else "fail",
-            "reject",
-            f"Against the deployed model on the same {o['n']} pairs: "
-            f"{_pct(o['candidate_accuracy'])} vs {_pct(o['deployed_accuracy'])} "
-            f"({_pts(diff)}; {o['wins']} pairs won, "
-            f"{o['losses']} lost); the one-sided 95% lower bound is {_pts(lb)}, at most "
-            f"{100 * p.overall_regression_tolerance:.1f} pts of regression allowed.",
-            lb,
-            -p.overall_regression_tolerance,
-        )
-    )
-    for name, s in sorted(vs["slices"].items()):
-        label = _slice_label(name)
-        if s["n"] < p.min_slice_pairs:
-            out.append(
-                Check(
-                    f"no_regression[{name}]",
-                    "skip",
-                    "reject",
-                    f"Slice {label}: {s['n']} pairs, too few to judge (needs {p.min_slice_pairs}).",
-                )
+    tests: list[_Test] = []
+    out: list[Check] = []
+    if pairs_judged:
+        pair_tests, skipped = _pair_tests(vs, p)
+        tests += pair_tests
+        out += skipped
+    r = vs.get("ratings") or {}
+    if ratings_judged and r.get("diff") is not None:
+        tests.append(
+            _Test(
+                "no_regression_ratings",
+                "ratings",
+                float(r["diff"]),
+                _se(r),
+                p.rating_regression_tolerance,
+                f"ratings' AUC ({r['n']} ratings): {r['candidate_auc']:.3f} vs "
+                f"{r['deployed_auc']:.3f} ({r['diff']:+.3f})",
+                "AUC",
             )
-            continue
-        slb = float(s["lower_95"])
+        )
+    families: dict[str, list[_Test]] = {}
+    for t in tests:
+        families.setdefault(t.family, []).append(t)
+    adjusted = {
+        id(t): a
+        for fam in families.values()
+        for t, a in zip(fam, _holm([t.p for t in fam]), strict=True)
+    }
+    for t in tests:
+        adj = adjusted[id(t)]
+        k = len(families[t.family])
+        worse = adj <= p.regression_alpha
         out.append(
             Check(
-                f"no_regression[{name}]",
-                "pass" if slb + _EPS >= -p.slice_regression_tolerance else "fail",
+                t.name,
+                "fail" if worse else "pass",
                 "reject",
-                f"Slice {label} ({s['n']} pairs): {_pct(s['candidate_accuracy'])} vs deployed "
-                f"{_pct(s['deployed_accuracy'])} ({_pts(s['diff'])}); the one-sided 95% lower "
-                f"bound is {_pts(slb)}, at most {100 * p.slice_regression_tolerance:.1f} pts of "
-                "regression allowed.",
-                slb,
-                -p.slice_regression_tolerance,
+                f"Against the deployed model, {t.describe}. A drop beyond "
+                f"{_fmt(-t.tol, t.unit).lstrip('+')} has one-sided p = {t.p:.3g}, "
+                f"{adj:.3g} after Holm's correction over the {k} test(s) on {t.family}: "
+                + (
+                    f"significantly worse (p <= {p.regression_alpha:g})."
+                    if worse
+                    else f"not a significant regression (needs p <= {p.regression_alpha:g})."
+                ),
+                t.diff,
+                -t.tol,
             )
         )
+    if pairs_judged:
+        diff, what = float(vs["overall"]["diff"]), "Accuracy"
+        gain = _pts(diff)
+    else:
+        diff, what = float(r.get("diff") or 0.0), "The ratings' AUC"
+        gain = f"{100 * diff:+.1f} AUC pts"
     jump = diff > p.max_jump + _EPS
     out.append(
         Check(
             "jump",
             "fail" if jump else "pass",
             "hold",
-            f"Accuracy changed by {_pts(diff)} over the deployed model"
+            f"{what} changed by {gain} over the deployed model"
             + (
                 f", more than the {100 * p.max_jump:.1f} pts a retrain plausibly gains: "
                 "held for review (a leak, a data change or a scoring bug are likelier)."
@@ -372,15 +549,21 @@ def _probe_checks(m: Metrics, dep: Metrics | None, p: GatePolicy) -> list[Check]
     if dp and dp.get("n"):
         d_acc = float(dp["accuracy"])
         drop = d_acc - acc
+        # The slack is in whole probes: 4 pts of 48 probes is 1.92 probes, i.e. 2 may flip.
+        n_probes = int(pr["n"])
+        slack = math.ceil(p.probe_max_drop * n_probes - 1e-6)
+        lost = int(dp.get("correct", round(d_acc * n_probes))) - int(pr["correct"])
         out.append(
             Check(
                 "probe_drop",
-                "pass" if drop <= p.probe_max_drop + _EPS else "fail",
+                "pass" if lost <= slack else "fail",
                 "reject",
                 f"Probe-set accuracy {_pct(acc)} vs the deployed model's {_pct(d_acc)} "
-                f"({_pts(-drop)}); a drop of at most {100 * p.probe_max_drop:.1f} pts is allowed.",
+                f"({_pts(-drop)}, {max(lost, 0)} probe(s) lost); at most {slack} of "
+                f"{n_probes} probes ({100 * p.probe_max_drop:.1f} pts, rounded up to whole "
+                "probes) may be lost.",
                 -drop,
-                -p.probe_max_drop,
+                -slack / max(n_probes, 1),
             )
         )
     elif dep is not None:
@@ -396,17 +579,78 @@ def _probe_checks(m: Metrics, dep: Metrics | None, p: GatePolicy) -> list[Check]
 
 
 def _calibration_info(m: Metrics) -> Check:
-    c = m["calibration"]
+    c, what = m["calibration"], "pairs"
     if c.get("ece") is None:
-        return Check("calibration", "info", "none", "No calibration numbers (no pairs).")
+        c, what = (m.get("ratings") or {}).get("calibration") or {}, "ratings"
+    if c.get("ece") is None:
+        return Check("calibration", "info", "none", "No calibration numbers (no held-out data).")
+    source = m.get("calibration_source")
+    fitted = f", T fitted on {source}" if source else ""
     return Check(
         "calibration",
         "info",
         "none",
-        f"Calibration at T = {c['temperature']:.3g}: ECE {c['ece']:.3f}, Brier "
-        f"{c['brier']:.3f} (reported, not gated: T is fitted on small validation sets).",
+        f"Calibration on the held-out {what} at T = {c['temperature']:.3g}{fitted}: ECE "
+        f"{c['ece']:.3f}, Brier {c['brier']:.3f} (reported, not gated: T is fitted on small "
+        "validation sets).",
         float(c["ece"]),
     )
+
+
+def _ratings_enough(m: Metrics, p: GatePolicy) -> tuple[bool, str]:
+    r = m.get("ratings") or {}
+    n, pos, neg = int(r.get("n", 0)), int(r.get("positives", 0)), int(r.get("negatives", 0))
+    ok = n >= p.min_heldout_ratings and min(pos, neg) >= p.min_rating_class and n > 0
+    msg = (
+        f"{n} held-out ratings ({pos} good, {neg} bad); ratings are judged with at least "
+        f"{p.min_heldout_ratings}, {p.min_rating_class} of each kind."
+    )
+    return ok, msg
+
+
+def _rating_checks(m: Metrics, p: GatePolicy) -> list[Check]:
+    """Ratings judged on their own: AUC above chance and above what length alone gets."""
+    r = m["ratings"]
+    auc, lo, hi = r["auc"], r.get("ci_low"), r.get("ci_high")
+    if auc is None:
+        return []
+    out = []
+    ci = f" (95% CI {lo:.3f}-{hi:.3f}, by prompt)" if lo is not None else ""
+    if p.rating_require_above_chance:
+        ok = lo is not None and lo > 0.5
+        out.append(
+            Check(
+                "rating_above_chance",
+                "pass" if ok else "fail",
+                "reject",
+                f"The ratings' AUC is {auc:.3f} on {r['n']} held-out ratings{ci}; its lower "
+                "bound is " + ("above" if ok else "not above") + " the 0.5 of a coin flip.",
+                lo,
+                0.5,
+            )
+        )
+    la = r.get("length_auc")
+    if la is not None:
+        margin = auc - la
+        vs = r.get("vs_length") or {}
+        d_ci = (
+            f" (95% CI of the difference {vs['ci_low']:+.3f} to {vs['ci_high']:+.3f})"
+            if vs.get("ci_low") is not None
+            else ""
+        )
+        out.append(
+            Check(
+                "rating_beats_length",
+                "pass" if margin + _EPS >= p.rating_baseline_margin else "fail",
+                "reject",
+                f"The ratings' AUC {auc:.3f} vs {la:.3f} for the length-only rule "
+                f"({r['length_rule']}): a margin of {margin:+.3f}{d_ci}, "
+                f"{p.rating_baseline_margin:+.3f} required.",
+                margin,
+                p.rating_baseline_margin,
+            )
+        )
+    return out
 
 
 # -- the decision -----------------------------------------------------------------------------
@@ -425,19 +669,30 @@ def decide(
     p = policy or GatePolicy()
     n = int(candidate["n_pairs"])
     status = heldout_status(n, p.min_heldout_pairs)
+    pairs_judged = status.enough and n > 0
+    ratings_judged, r_msg = _ratings_enough(candidate, p)
+    enough = pairs_judged or ratings_judged
+    message = status.message
+    if candidate.get("n_ratings") or not status.enough:
+        message += " " + r_msg
     checks: list[Check] = [
         Check(
             "enough_data",
-            "pass" if status.enough else "fail",
+            "pass" if enough else "fail",
             "hold",
-            status.message,
+            message,
             float(n),
             float(p.min_heldout_pairs),
         )
     ]
-    if status.enough and n > 0:
+    if pairs_judged:
         checks += _accuracy_checks(candidate, p)
-        checks += _length_checks(candidate, p)
+    if ratings_judged:
+        checks += _rating_checks(candidate, p)
+    if enough:
+        if pairs_judged:
+            checks += [c for c in _length_checks(candidate, p) if c.name == "length_gap"]
+        checks += [c for c in _length_checks(candidate, p) if c.name == "length_correlation"]
         if deployed is None:
             checks.append(
                 Check(
@@ -448,7 +703,7 @@ def decide(
                 )
             )
         else:
-            checks += _comparison_checks(candidate, deployed, p)
+            checks += _comparison_checks(candidate, deployed, p, pairs_judged, ratings_judged)
         checks.append(_calibration_info(candidate))
     # The probes do not depend on the held-out set, so they are judged even without data.
     checks += _probe_checks(candidate, deployed, p)
