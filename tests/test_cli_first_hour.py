@@ -162,6 +162,8 @@ def test_status_text_shows_model_training_schedule_and_adapters(d: DaemonProc) -
     assert "nightly at 03:00" in lines["schedule"]
     assert "min_new_events" in lines["schedule"], "says the run waits for feedback"
     assert lines["adapters"].startswith("adapters none running")
+    sched = d.cli("schedule")
+    assert re.search(rf"^first run +{first} \(in ", sched.stdout, re.M), sched.stdout
     log = (d.paths.log_dir / "daemon.log").read_text()
     assert re.search(r"first scheduled training run: \S+T03:00", log), log[-2000:]
 

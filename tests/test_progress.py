@@ -98,3 +98,13 @@ def test_evaluation_eta_is_measured_once_it_runs() -> None:
     assert line["eta_s"] == pytest.approx(300.0)
     assert line["overall_eta_s"] == pytest.approx(300.0)
     assert line["percent"] == pytest.approx(100 * 1100 / 1400, abs=0.1)
+
+
+def test_a_validation_pass_keeps_counting_down_the_training_eta() -> None:
+    p, clock, _ = tracker()
+    p.report("cache", CACHE_TOKENS, CACHE_TOKENS, tokens_per_s=CACHE_RATE, eta_s=0.0)
+    p.report("train", 10, 100, tokens_per_s=390.0, eta_s=600.0)
+    clock.t += 30.0
+    line = p.report("validate", 10, 100, loss=0.6, acc=0.7)
+    assert line["eta_s"] == pytest.approx(570.0)
+    assert line["overall_eta_s"] is not None and line["overall_eta_s"] > 570.0

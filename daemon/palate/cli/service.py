@@ -185,7 +185,9 @@ def _run_line(r: dict[str, Any] | None) -> str:
         return "never"
     what = r.get("outcome") or "?"
     if r.get("version") is not None:
-        what += f", version {r['version']} {r.get('decision') or ''}".rstrip()
+        verdict = {"reject": "rejected by the gate", "hold": "held by the gate"}
+        decision = r.get("decision") or ""
+        what += f", version {r['version']} {verdict.get(decision, decision)}".rstrip()
         what += " (deployed)" if r.get("deployed") else ""
     if r.get("error"):
         what += f": {r['error']}"
@@ -201,6 +203,9 @@ def _show_schedule(d: dict[str, Any]) -> None:
     if d["enabled"]:
         if d.get("due") and d["blocked"]:
             click.echo(f"next run      due now, waiting: {'; '.join(d['blocked'])}")
+        elif d.get("first_run") and d.get("daemon", True):
+            click.echo(f"first run     {_when(d['next_run'])} (then nightly; a new home does not")
+            click.echo("              catch up on nights before its daemon first started)")
         else:
             click.echo(f"next run      {_when(d['next_run'])}")
     attempt = d.get("last_attempt") or {}

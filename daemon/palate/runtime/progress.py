@@ -65,6 +65,7 @@ class RunProgress:
         self.cache_tokens: int | None = None
         self.cache_rate: float | None = None  # tokens/s through the frozen blocks
         self.train_rate: float | None = None  # tokens/s through the trained blocks
+        self._last_eta: tuple[str, float, float] | None = None  # (phase, eta, when)
 
     def set_plan(self, plan: RunPlan) -> None:
         self.plan = plan
@@ -85,6 +86,12 @@ class RunProgress:
         eta = extra.get("eta_s")
         if eta is None:
             eta = self._phase_eta(name, step, total, now)
+        if eta is None and self._last_eta and self._last_eta[0] == name:
+            # A validation pass inside training reports no ETA of its own: count down the
+            # last one rather than blank the figure every epoch.
+            eta = max(0.0, self._last_eta[1] - (now - self._last_eta[2]))
+        elif eta is not None:
+            self._last_eta = (name, float(eta), now)
         overall = self._overall_eta(name, eta)
         elapsed = now - self.t0
         line = {
