@@ -83,6 +83,12 @@ def test_eval_json_contract(setup) -> None:  # type: ignore[no-untyped-def]
     for key in ("accuracy", "n", "baseline_shorter", "baseline_longer", "ci_low", "ci_high"):
         assert key in rep
     assert rep["n"] == 60 and rep["accuracy"] >= 0.9
+    # The ensemble's view (issue 16): members, calibration, accuracy on the surest pairs.
+    assert rep["members"] == 5 and 0.0 <= rep["ece"] <= 1.0
+    curve = rep["coverage_accuracy"]
+    assert [c for c, _ in curve] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert curve[-1][1] == pytest.approx(rep["accuracy"])
+    assert rep["selective_accuracy_50"] == curve[4][1] >= rep["accuracy"] - 1e-9
 
 
 def test_score_human_and_json(setup) -> None:  # type: ignore[no-untyped-def]

@@ -135,3 +135,35 @@ def test_trained_ensemble_members_differ_and_round_trip(tmp_path: object) -> Non
     np.testing.assert_allclose(a, am.mean(axis=1), atol=1e-6)
     np.testing.assert_allclose(b, bm.mean(axis=1), atol=1e-6)
     assert am.shape == (30, 3)
+
+
+def test_coverage_accuracy_puts_the_surest_pairs_first() -> None:
+    from palate.evaluation.selective import coverage_accuracy, pair_confidence, selective_report
+
+    # 3 members; pairs 0-3 agreed and right, 4-5 split (one of them wrong), 6-7 agreed but wrong
+    chosen = np.array(
+        [
+            [3, 3, 3],
+            [2, 2, 2],
+            [2.5, 2, 3],
+            [4, 4, 4],
+            [1, -1, 0.5],
+            [1, -2, -1],
+            [-1, -1, -1],
+            [-0.5, -0.5, -0.5],
+        ],
+        dtype=np.float64,
+    )
+    rejected = np.zeros_like(chosen)
+    mean, conf = pair_confidence(chosen, rejected)
+    assert list(np.argsort(-conf)[:4]) == [3, 0, 2, 1]
+    assert conf[4] < 0 and conf[5] < 0  # the members' bounds straddle zero
+    curve = coverage_accuracy(mean > 0, conf)
+    assert curve[-1] == [1.0, 0.625] and curve[4] == [0.5, 1.0]
+    rep = selective_report(chosen, rejected, 1.0, categories=["x"] * 4 + ["y"] * 4)
+    assert rep["members"] == 3 and rep["selective_accuracy_50"] == 1.0
+    assert rep["by_category"]["y"]["unsure"] == 2 and rep["by_category"]["x"]["unsure"] == 0
+    assert rep["by_category"]["y"]["mean_spread"] > rep["by_category"]["x"]["mean_spread"] - 1
+    # One member: confidence is the margin alone, and the spread is 0.
+    single = selective_report(chosen[:, :1], rejected[:, :1], 1.0)
+    assert single["members"] == 1 and single["mean_spread"] == 0.0

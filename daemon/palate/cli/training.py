@@ -503,23 +503,30 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
     """Pairwise accuracy of a model on a JSONL of pairs, with a 95% CI and length baselines.
 
     JSON keys: accuracy, n, correct, ties (counted wrong), ci_low, ci_high,
-    baseline_shorter, baseline_longer, mean_margin.
+    baseline_shorter, baseline_longer, mean_margin; and from the ensemble: members, ece,
+    coverage_accuracy ([coverage, accuracy] on the most confident pairs), selective_accuracy_50,
+    mean_spread.
     """
     from palate.evaluation.metrics import pairwise_report
+    from palate.evaluation.selective import selective_report
+    from palate.model.scoring import mean_rewards
 
     pairs = [e for e in read_jsonl(data) if isinstance(e, PairExample)]
     if not pairs:
         raise DataError(f"{data}: no pairs to evaluate (ratings are not scored by eval)")
     loaded = _load(model_dir)
     try:
-        a, b = loaded.scorer(token_budget=batch_tokens, n_streams=2).score_pairs(
+        am, bm = loaded.scorer(token_budget=batch_tokens, n_streams=2).score_pairs_members(
             [(p.prompt, p.chosen, p.rejected) for p in pairs]
         )
     except Exception as exc:
         raise _fail(exc) from exc
+    a, b = mean_rewards(am), mean_rewards(bm)
     rep = pairwise_report(a, b, [len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs])
+    sel = selective_report(am, bm, loaded.calibration.temperature)
     if as_json:
-        click.echo(json.dumps(rep.to_json(), indent=2))
+        keys = ("members", "ece", "coverage_accuracy", "selective_accuracy_50", "mean_spread")
+        click.echo(json.dumps({**rep.to_json(), **{k: sel[k] for k in keys}}, indent=2))
         return
     click.echo(
         f"accuracy {rep.accuracy:.3f}  95% CI [{rep.ci_low:.3f}, {rep.ci_high:.3f}]  "
@@ -528,6 +535,11 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
     click.echo(
         f"baselines: always-shorter {rep.baseline_shorter:.3f}, "
         f"always-longer {rep.baseline_longer:.3f}"
+    )
+    half = sel["selective_accuracy_50"]
+    click.echo(
+        f"ensemble of {sel['members']}: ECE {sel['ece']:.3f}, accuracy on the 50% most "
+        f"confident pairs {half:.3f}"
     )
 
 
