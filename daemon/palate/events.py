@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,3 +401,61 @@ def to_examples(event: Mapping[str, Any]) -> list[Example]:
             pairs.append(PairExample(prompt, rs[0], rs[-1], **meta))
         return list(pairs)
     raise ValueError(f"unknown kind {kind!r}")
+
+
+#: At most this many pairs are derived from the ratings of one prompt, so a cursor rated
+#: many times cannot dominate a night's pairs (rankings are bounded the same way).
+MAX_DERIVED_PER_PROMPT = 8
+
+
+def _prompt_key(prompt: str | Messages) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def derive_pairs(examples: Iterable[Example]) -> list[PairExample]:
+    """Pairs implied by ratings that are comparable: same source, same conversation, the
+    *same prompt text*, and labels at least 0.5 apart (good vs bad).
+
+    Two ratings of different responses to one prompt by one user say which of the two the
+    user preferred, which a rating alone cannot: Tabby's selected choice against the choices
+    of the same completion that were shown and not selected (the adapter rates both, with
+    one prompt), and a completion rejected and then another accepted at the same cursor
+    (the prompt is the code around the cursor, so it is identical only if nothing was typed
+    in between). A different prompt is a different question, and its ratings are never
+    paired. The pair's weight is the smaller of the two ratings' weights; its ``event_id``
+    is ``derived:<good id>><bad id>``. Ratings of the same response text are not paired.
+    The ratings themselves stay examples too.
+    """
+    groups: dict[tuple[str, str, str], list[RatingExample]] = {}
+    for e in examples:
+        if isinstance(e, RatingExample):
+            groups.setdefault((e.source, e.conversation, _prompt_key(e.prompt)), []).append(e)
+    out: list[PairExample] = []
+    for ratings in groups.values():
+        if len(ratings) < 2:
+            continue
+        ranked = sorted(ratings, key=lambda r: (-r.label, r.event_id))
+        seen: set[tuple[str, str]] = set()
+        made = 0
+        for good in ranked:
+            for bad in reversed(ranked):
+                if made >= MAX_DERIVED_PER_PROMPT or good.label - bad.label < 0.5:
+                    break
+                key = (good.response, bad.response)
+                if good.response == bad.response or key in seen:
+                    continue
+                seen.add(key)
+                made += 1
+                out.append(
+                    PairExample(
+                        good.prompt,
+                        good.response,
+                        bad.response,
+                        weight=min(good.weight, bad.weight),
+                        source=good.source,
+                        domain=good.domain or bad.domain,
+                        event_id=f"derived:{good.event_id}>{bad.event_id}",
+                        conversation=good.conversation,
+                    )
+                )
+    return out

@@ -17,6 +17,9 @@ Mapping (weights in docs/plugins.md):
 * ``select``               -> rating +1, weight 1.0 (accepted)
 * ``select`` with ``kind`` -> rating +1, weight 0.5 (partial accept: a line or word)
 * ``dismiss``              -> rating -1, weight 0.5
+* ``select`` of one choice -> also rating -1, weight 0.5, for every *other* choice of that
+  completion that was viewed (shown, not selected). The ratings share the completion's
+  prompt, so the evaluator derives the pair "selected over shown" (events.derive_pairs)
 * ``view`` never followed by select/dismiss within ``VIEW_EXPIRY_MS`` of record
   time, or pushed out of the bounded pending set -> rating -1, weight 0.25
 * a completion never viewed -> nothing (the user never saw it)
@@ -43,7 +46,10 @@ VIEW_EXPIRY_MS = 3_600_000
 W_SELECT = 1.0
 W_PARTIAL = 0.5
 W_DISMISS = 0.5
+W_NOT_SELECTED = 0.5
 W_IGNORED = 0.25
+#: Choices tracked per completion (a bit each in the pending entry's "viewed" mask).
+MAX_CHOICES = 16
 
 
 class TabbyParser:
@@ -72,17 +78,20 @@ class TabbyParser:
             pending[cid] = [line.offset, 0, int(ts)]  # re-insert: newest last
             out += self._bound(line, pending)
         elif kind == "view":
-            if cid in pending:
-                pending[cid][1] = 1
+            if cid in pending:  # a bit per viewed choice (1 in older state = choice 0)
+                pending[cid][1] = int(pending[cid][1]) | (1 << _choice(body))
         elif kind in ("select", "dismiss"):
             entry = pending.pop(cid, None)
             if entry is not None:
-                choice = body.get("choice_index", 0)
+                choice = _choice(body)
                 if kind == "dismiss":
                     label, weight = -1, W_DISMISS
                 else:
                     label, weight = 1, W_PARTIAL if body.get("kind") else W_SELECT
                 out += self._verdict(line, entry[0], choice, label, weight, int(ts))
+                if kind == "select":
+                    for other in _viewed(entry[1]) - {choice}:
+                        out += self._verdict(line, entry[0], other, -1, W_NOT_SELECTED, int(ts))
         return out
 
     def _expire(self, line: Line, pending: dict[str, list[Any]], now_ms: int) -> list[Candidate]:
@@ -99,9 +108,10 @@ class TabbyParser:
         return out
 
     def _ignored(self, line: Line, entry: list[Any]) -> list[Candidate]:
-        if not entry[1]:
-            return []  # never shown: no signal
-        return self._verdict(line, entry[0], 0, -1, W_IGNORED, int(entry[2]))
+        out: list[Candidate] = []  # never shown: no signal
+        for choice in sorted(_viewed(entry[1])):
+            out += self._verdict(line, entry[0], choice, -1, W_IGNORED, int(entry[2]))
+        return out
 
     def _verdict(
         self, line: Line, offset: int, choice: Any, label: int, weight: float, ts_ms: int
@@ -143,6 +153,18 @@ class TabbyParser:
             ev["ts"] = ts
         subjects = tuple(s for s in (filepath, seg.get("git_url")) if isinstance(s, str) and s)
         return [Candidate(ev, subjects)]
+
+
+def _choice(body: dict[str, Any]) -> int:
+    """The record's ``choice_index`` (0 when absent or not a small non-negative int)."""
+    c = body.get("choice_index", 0)
+    ok = isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_CHOICES
+    return c if ok else 0
+
+
+def _viewed(mask: Any) -> set[int]:
+    m = int(mask) if isinstance(mask, int) else 0
+    return {i for i in range(MAX_CHOICES) if m >> i & 1}
 
 
 class TabbyAdapter(TailingAdapter):
