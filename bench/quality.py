@@ -1,8 +1,9 @@
 """Quality benchmark: train on 80% of hh_harmless_dev.jsonl, evaluate on the other 20%.
 
-The split is by sha256 of the prompt (salted, so it is independent of how the file itself was
-cut), so no conversation is on both sides. Validation for early stopping and calibration is
-carved out of the 80% by the trainer; the 20% is never looked at before the final number.
+The split is the held-out split's function (evaluation/split.py: sha256 of the first user turn,
+salted so it is independent of how the file itself was cut), so no conversation is on both
+sides. Validation for early stopping and calibration is carved out of the 80% by the trainer;
+the 20% is never looked at before the final number.
 
 Prints accuracy with a 95% Wilson CI next to the always-shorter / always-longer baselines,
 wall times (train, eval) and peak RSS, and writes the report as JSON with --json-out.
@@ -24,8 +25,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from palate.evaluation.metrics import pairwise_report  # noqa: E402
+from palate.evaluation.split import example_key, split_items  # noqa: E402
 from palate.model.base_model import load_base_model  # noqa: E402
-from palate.model.batching import PairExample, split_key  # noqa: E402
+from palate.model.batching import PairExample  # noqa: E402
 from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_harmless_dev.jsonl"
@@ -50,8 +52,9 @@ def main() -> int:
     if args.limit:
         rows = rows[: args.limit]
     pairs = [PairExample(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    test = [p for p in pairs if split_key(p.prompt, "palate-bench:") < 0.2]
-    train = [p for p in pairs if split_key(p.prompt, "palate-bench:") >= 0.2]
+    # The held-out split's own function (first user turn as the key), salted for this bench.
+    dealt = split_items(pairs, key=example_key, fraction=0.2, salt="palate-bench:")
+    test, train = dealt.heldout, dealt.train
     config = TrainConfig(
         epochs=args.epochs,
         lora_layers=args.layers,

@@ -52,7 +52,7 @@ def scenario(name: str, tmp: Path) -> tuple[dict[str, Any], int, int]:
     common = {"enabled": True, "poll_interval_s": 0.5}
     if name == "continue":
         shutil.copytree(FIXTURES / "continue", tmp / "continue")
-        return {**common, "root": str(tmp / "continue")}, 9, 2
+        return {**common, "root": str(tmp / "continue")}, 13, 2
     if name == "tabby":
         shutil.copytree(FIXTURES / "tabby", tmp / "tabby")
         return {**common, "root": str(tmp / "tabby")}, 4, 2

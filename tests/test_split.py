@@ -99,3 +99,64 @@ def test_not_enough_data_says_so() -> None:
     assert "38 more held-out pairs" in low.message
     ok = heldout_status(MIN_HELDOUT_PAIRS)
     assert ok.enough and str(MIN_HELDOUT_PAIRS) in ok.message
+
+
+def test_hh_transcripts_are_keyed_on_their_first_user_turn() -> None:
+    first = "Human: How do I bake bread?\n\nAssistant:"
+    later = (
+        "Human: How do I bake bread?\n\nAssistant: Flour, water, yeast.\n\n"
+        "Human: And how long?\n\nAssistant:"
+    )
+    assert split_key(first) == split_key(later) == split_key("how do I bake  bread?")
+    messages = [{"role": "user", "content": "How do I bake bread?"}]
+    assert split_key(messages) == split_key(later)  # one conversation, in either form
+    assert split_key("Human: Something else\n\nAssistant:") != split_key(first)
+
+
+def test_editor_contexts_are_keyed_on_file_and_region() -> None:
+    below = "\n\ndef main():\n    run()\n"
+    # Keystroke by keystroke at one place: the prefix grows, the code below stays.
+    typing = [f"def f(x):\n    return {'x + 1'[:k]}<|cursor|>){below}" for k in range(6)]
+    keys = {split_key(p, "file:aa") for p in typing}
+    assert len(keys) == 1
+    # The same place in another file, and another place in this file, are other keys.
+    assert split_key(typing[0], "file:bb") not in keys
+    elsewhere = "def f(x):\n    return x\n\ndef main():\n    <|cursor|>\n    run()\n"
+    assert split_key(elsewhere, "file:aa") not in keys
+    # At the end of a file the region is the end of that file.
+    eof = [f"print({'hello'[:k]}<|cursor|>" for k in range(5)]
+    assert len({split_key(p, "file:aa") for p in eof}) == 1
+    assert split_key(eof[0], "file:aa") != split_key(eof[0], "file:bb")
+
+
+def test_conversation_reaches_examples_and_the_training_validation_split() -> None:
+    from palate.events import to_examples, validate_event
+    from palate.evaluation.split import example_key
+    from palate.model.training import VAL_SALT, _split
+
+    events = [
+        validate_event(
+            {
+                "kind": "rating",
+                "source": "voice",
+                "prompt": f"turn {i} of call {i % 40}",
+                "response": "ok",
+                "label": 1,
+                "context": {"conversation": f"call-{i % 40}"},
+            }
+        )
+        for i in range(400)
+    ]
+    examples = [ex for ev in events for ex in to_examples(ev)]
+    assert examples[3].conversation == "call-3"
+    assert example_key(examples[3]) == example_key(examples[43]) == "conv:call-3"
+    held = split_items(examples, example_key)
+    calls = {ex.conversation for ex in held.heldout}
+    assert calls and not calls & {ex.conversation for ex in held.train}
+    # Training's validation split is the same function (other salt): calls stay whole there too.
+    train, val = _split(examples, 0.2)
+    val_calls = {ex.conversation for ex in val}
+    assert val_calls and not val_calls & {ex.conversation for ex in train}
+    assert {ex.conversation for ex in val} == {
+        ex.conversation for ex in split_items(examples, example_key, 0.2, VAL_SALT).heldout
+    }

@@ -10,15 +10,16 @@ Continue and one from Tabby look alike to the reward model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from palate.events import MAX_FUTURE_S, MIN_TS
+from palate.events import CODE_CURSOR, MAX_FUTURE_S, MIN_TS
 
-CURSOR = "<|cursor|>"
+CURSOR = CODE_CURSOR
 DEFAULT_PREFIX_CHARS = 6000
 DEFAULT_SUFFIX_CHARS = 2000
 
@@ -78,12 +79,25 @@ def parse_ts(value: Any, *, millis: bool = False) -> float | None:
 
 
 def context(app: str, task: str, filepath: str | None = None, language: Any = None) -> dict:
-    """The event ``context`` map for code: app, domain "code", task, language."""
+    """The event ``context`` map for code: app, domain "code", task, language, conversation.
+
+    ``conversation`` names the file (:func:`file_conversation`): the held-out split keys an
+    editor context on its file and the region around the cursor, so a burst of completions
+    at one place never lands on both sides (evaluation/split.py).
+    """
     ctx = {"app": app[:128], "domain": "code", "task": task}
     lang = language if isinstance(language, str) and language.strip() else language_of(filepath)
     if lang:
         ctx["language"] = lang[:128]
+    if filepath:
+        ctx["conversation"] = file_conversation(filepath)
     return ctx
+
+
+def file_conversation(filepath: str) -> str:
+    """``file:<16 hex>``: a file named by a hash of its path (the path itself is never sent)."""
+    digest = hashlib.sha256(local_path(filepath).encode("utf-8", "surrogatepass")).hexdigest()
+    return "file:" + digest[:16]
 
 
 def nonblank(value: Any) -> str | None:

@@ -15,7 +15,19 @@ line, appended, never rotated. Fields follow
 * ``editOutcome``: accepted/rejected edit -> rating +1/-1 (weight 1.0) on the
   instruction and the previous code, response the new code.
 * ``chatFeedback``: the thumbs buttons: ``feedback`` true/false -> rating +1/-1
-  (weight 1.0); without ``feedback`` nothing is sent.
+  (weight 1.0); without ``feedback`` nothing is sent. Continue logs the prompt as the
+  model saw it: every turn rendered by a template (core/llm/index.ts
+  ``_formatChatMessages``: ``<role>\ncontent\n\n``; or a model's own: ChatML,
+  Llama 3, ...), system prompt included. The conversation turns are taken back out
+  (:func:`chat_turns`), the system prompt and tool output dropped, and the prompt is
+  the transcript ``Human: ...\n\nAssistant: ...`` the reward model renders with its
+  own template. ``sessionId`` is the conversation id (one chat on one side of the
+  held-out split).
+* ``nextEditOutcome``: a proposed rewrite of the editable region around the cursor.
+  ``accepted: true`` -> pair (rewrite over ``originalEditableRange``), weight 1.0;
+  ``accepted: false`` -> pair (original over rewrite), weight 0.5 (shown, not taken);
+  ``aborted`` (the user typed on) -> nothing. Prompt: ``userExcerpts`` (the file window
+  the model saw) with its cursor marker as the editor prompt's ``<|cursor|>``.
 
 Records of the ``noCode`` level (no prefix/completion text) carry nothing to
 learn from and are skipped silently; malformed lines are reported and skipped.
@@ -30,10 +42,33 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from palate.adapters import AdapterContext, Candidate
-from palate.adapters.code_context import code_prompt, context, local_path, nonblank, parse_ts
+from palate.adapters.code_context import (
+    CURSOR,
+    code_prompt,
+    context,
+    local_path,
+    nonblank,
+    parse_ts,
+)
 from palate.adapters.tailing import BadRecord, Line, Options, RecordParser, TailingAdapter, expand
 
-EVENTS = ("autocomplete", "editOutcome", "chatFeedback")
+EVENTS = ("autocomplete", "editOutcome", "chatFeedback", "nextEditOutcome")
+#: Cursor markers of Continue's next-edit prompt templates (core/nextEdit/constants.ts).
+NEXT_EDIT_CURSORS = ("<|user_cursor_is_here|>", CURSOR)
+#: Roles whose turns are kept; system prompts, tool output and thinking are not the user's.
+_KEPT_ROLES = {"user": "Human", "assistant": "Assistant"}
+_TEMPLATES = (
+    # core/llm/index.ts _formatChatMessages: "<role>\ncontent\n\n" per message.
+    re.compile(r"(?:^|\n\n)<(system|user|assistant|tool|thinking)>\n"),
+    # ChatML: "<|im_start|>role\ncontent<|im_end|>".
+    re.compile(r"(?:<\|im_end\|>\s*)?<\|im_start\|>(system|user|assistant|tool)\n"),
+    # Llama 3: "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>".
+    re.compile(
+        r"(?:<\|eot_id\|>)?(?:<\|begin_of_text\|>)?<\|start_header_id\|>"
+        r"(system|user|assistant|tool|ipython)<\|end_header_id\|>\n\n"
+    ),
+)
+_END_MARKERS = re.compile(r"<\|im_end\|>|<\|eot_id\|>|<\|end_of_text\|>")
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,80}$")
 
 W_EXPLICIT = 1.0
@@ -65,6 +100,8 @@ class ContinueParser:
             return self._edit_outcome(rec, line)
         if name == "chatFeedback":
             return self._chat_feedback(rec, line)
+        if name == "nextEditOutcome":
+            return self._next_edit(rec, line)
         return []
 
     @staticmethod
@@ -123,16 +160,50 @@ class ContinueParser:
         prompt, completion = nonblank(rec.get("prompt")), nonblank(rec.get("completion"))
         if feedback is None or prompt is None or completion is None:
             return []
+        ctx = {"app": "continue", "task": "chat"}
+        session = rec.get("sessionId")
+        if isinstance(session, str) and _SAFE_ID.match(session):
+            ctx["conversation"] = f"continue:{session}"
         ev = {
             "kind": "rating",
             "id": line.event_id("chat"),
-            "prompt": prompt,
+            "prompt": transcript(prompt),
             "response": completion,
             "label": 1 if feedback else -1,
             "weight": W_EXPLICIT,
-            "context": {"app": "continue", "task": "chat"},
+            "context": ctx,
         }
         return [self._with_ts(ev, rec, None)]
+
+    def _next_edit(self, rec: dict[str, Any], line: Line) -> list[Candidate]:
+        accepted = self._bool(rec, "accepted")
+        if accepted is None or rec.get("aborted") is True:
+            return []
+        new, old = nonblank(rec.get("completion")), nonblank(rec.get("originalEditableRange"))
+        excerpt = nonblank(rec.get("userExcerpts")) or nonblank(rec.get("prompt"))
+        if new is None or excerpt is None:
+            return []
+        for marker in NEXT_EDIT_CURSORS:
+            if excerpt.count(marker) == 1:
+                before, after = excerpt.split(marker)
+                prompt = code_prompt(before, after, prefix_chars=self.prefix_chars)
+                break
+        else:
+            prompt = excerpt[-self.prefix_chars :]
+        filepath = rec.get("fileUri") if isinstance(rec.get("fileUri"), str) else None
+        ev: dict[str, Any] = {
+            "id": _record_id("continue:ne", rec.get("completionId"), line, "ne"),
+            "prompt": prompt,
+            "weight": W_EXPLICIT if accepted else W_TIMEOUT_REJECT,
+            "context": context("continue", "next_edit", filepath),
+        }
+        if old is not None and old.strip() != new.strip():
+            ev.update(
+                kind="pair", chosen=new if accepted else old, rejected=old if accepted else new
+            )
+        else:
+            ev.update(kind="rating", response=new, label=1 if accepted else -1)
+        return [self._with_ts(ev, rec, filepath)]
 
     @staticmethod
     def _with_ts(ev: dict[str, Any], rec: dict[str, Any], filepath: str | None) -> Candidate:
@@ -143,8 +214,35 @@ class ContinueParser:
         return Candidate(ev, subjects)
 
 
+def chat_turns(prompt: str) -> list[tuple[str, str]]:
+    """(role, content) of each turn in a templated chat prompt; [] if no template matches."""
+    for pattern in _TEMPLATES:
+        parts = pattern.split(prompt)
+        if len(parts) < 3 or parts[0].strip():
+            continue
+        turns = []
+        for role, body in zip(parts[1::2], parts[2::2], strict=False):
+            text = _END_MARKERS.sub("", body).strip()
+            if text:
+                turns.append((role, text))
+        if any(role == "user" for role, _ in turns):
+            return turns
+    return []
+
+
+def transcript(prompt: str) -> str:
+    """The conversation of a templated chat prompt as ``Human: ...\n\nAssistant: ...`` turns
+    (system prompt and tool output dropped); the prompt unchanged when no template matches."""
+    turns = [(r, t) for r, t in chat_turns(prompt) if r in _KEPT_ROLES]
+    while turns and turns[-1][0] == "assistant":
+        turns.pop()  # an answer being generated is the response, not the prompt
+    if not turns:
+        return prompt
+    return "\n\n".join(f"{_KEPT_ROLES[r]}: {t}" for r, t in turns)
+
+
 class ContinueAdapter(TailingAdapter):
-    """Tails ``dev_data/{0.1.0,0.2.0}/{autocomplete,editOutcome,chatFeedback}.jsonl``."""
+    """Tails ``dev_data/{0.1.0,0.2.0}/{autocomplete,editOutcome,chatFeedback,nextEditOutcome}``."""
 
     name = "continue"
     patterns = tuple(f"dev_data/{v}/{e}.jsonl" for v in ("0.2.0", "0.1.0") for e in EVENTS)

@@ -35,6 +35,7 @@ ASR confidence, when known, becomes the event's ``confidence``.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -137,8 +138,19 @@ def judge(prompt: Turn, answer: Turn, follow: Turn | None) -> Verdict | None:
 
 
 def rating(
-    app: str, event_id: str, prompt: Turn, answer: Turn, follow: Turn | None, v: Verdict
+    app: str,
+    event_id: str,
+    prompt: Turn,
+    answer: Turn,
+    follow: Turn | None,
+    v: Verdict,
+    conversation: str = "",
 ) -> Candidate:
+    """The rating event; ``conversation`` (the call) keeps every turn of it on one side of the
+    held-out split."""
+    ctx = {"app": app, "domain": "voice", "task": "conversation"}
+    if conversation:
+        ctx["conversation"] = conversation_id(conversation)
     ev: dict[str, Any] = {
         "kind": "rating",
         "id": event_id,
@@ -146,7 +158,7 @@ def rating(
         "response": answer.text,
         "label": v.label,
         "weight": v.weight,
-        "context": {"app": app, "domain": "voice", "task": "conversation"},
+        "context": ctx,
     }
     ts = (follow.ts if follow is not None else None) or answer.ts
     if ts is not None:
@@ -154,6 +166,11 @@ def rating(
     if follow is not None and follow.confidence is not None and v.rule != "interrupted":
         ev["confidence"] = follow.confidence
     return Candidate(ev, (f"app:{app}",))
+
+
+def conversation_id(*parts: str) -> str:
+    """``voice:<16 hex>``: one call, named by a hash of where it came from (file, session)."""
+    return "voice:" + hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def _join(turns: list[Turn]) -> Turn:
@@ -264,7 +281,9 @@ class TurnParser:
                 p, a = _join(prompt), _join(answer)
                 v = judge(p, a, turn)
                 if v is not None:
-                    out.append(rating(self.app, f"voice:{session[:40]}:{a.id}", p, a, turn, v))
+                    ident = f"voice:{session[:40]}:{a.id}"
+                    call = f"{line.fid}\x00{session}"
+                    out.append(rating(self.app, ident, p, a, turn, v, conversation=call))
         if turn.feedback is not None and not turn.text:
             return out  # a button press judges the answer; it is not a new prompt
         if s["a"]:
@@ -318,7 +337,7 @@ class LiveKitParser:
         except (UnicodeDecodeError, ValueError) as e:
             raise BadRecord(f"not (yet) a complete JSON document: {e}") from e
         return [
-            rating(self.app, f"livekit:{a.id}", p, a, f, v)
+            rating(self.app, f"livekit:{a.id}", p, a, f, v, conversation=fid)
             for p, a, f, v in rate_conversation(livekit_turns(doc))
         ]
 

@@ -13,7 +13,6 @@ bounds padding. The last, partial batch is always kept (mlx-lm's ``iterate_batch
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from palate.events import Example, PairExample, RatingExample
-from palate.model.reward_model import Messages, Truncation, encode_prompt_responses, truncate_group
+from palate.model.reward_model import Truncation, encode_prompt_responses, truncate_group
 
 __all__ = [
     "Batch",
@@ -33,22 +32,7 @@ __all__ = [
     "bucket_batches",
     "collate",
     "encode_examples",
-    "split_key",
 ]
-
-
-def prompt_text(prompt: str | Messages) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def split_key(prompt: str | Messages, salt: str) -> float:
-    """A stable number in [0, 1) from sha256(salt + prompt): the same prompt always lands in
-    the same split, so no conversation is ever on both sides. The salt keeps this split
-    independent of other hash splits of the same data (the HH file itself is one)."""
-    digest = hashlib.sha256((salt + prompt_text(prompt)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass

@@ -41,7 +41,7 @@ from palate.evaluation.heldout import (  # noqa: E402
     evaluate,
     load_probes,
 )
-from palate.evaluation.split import heldout_status, split_items, split_key  # noqa: E402
+from palate.evaluation.split import example_key, heldout_status, split_items  # noqa: E402
 from palate.events import Example, PairExample, RatingExample, to_examples  # noqa: E402
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
@@ -205,7 +205,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
     t0 = time.time()
     PROGRESS.report("load", 0, 0, message="reading feedback")
     examples = load_examples(store)
-    split = split_items(examples, key=lambda e: split_key(e.prompt))
+    split = split_items(examples, key=example_key)
     held_pairs = [e for e in split.heldout if isinstance(e, PairExample)]
     held_ratings = [e for e in split.heldout if isinstance(e, RatingExample)]
     if not split.train:
