@@ -185,7 +185,11 @@ def _run_line(r: dict[str, Any] | None) -> str:
         return "never"
     what = r.get("outcome") or "?"
     if r.get("version") is not None:
-        verdict = {"reject": "rejected by the gate", "hold": "held by the gate"}
+        verdict = {
+            "reject": "rejected by the gate",
+            "hold": "held by the gate",
+            "deploy": "approved by the gate",
+        }
         decision = r.get("decision") or ""
         what += f", version {r['version']} {verdict.get(decision, decision)}".rstrip()
         what += " (deployed)" if r.get("deployed") else ""
