@@ -80,22 +80,32 @@ def pairwise_report(
     )
 
 
-def fit_temperature(diffs: Sequence[float] | np.ndarray) -> float:
-    """T minimising the log loss of ``sigmoid(diff / T)`` over pairs where the first won.
+def fit_temperature(
+    diffs: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray | None = None
+) -> float:
+    """T minimising the log loss of ``sigmoid(diff / T)`` against ``labels``.
 
-    Fit it on *validation* diffs (``score_chosen - score_rejected``) only, never on the
-    held-out set being judged, or the calibration numbers grade their own homework. Same
-    estimator used everywhere (golden-section search on log T in [1e-2, 1e2]);
-    1.0 without informative data. If every diff is positive the optimum is T -> 0 and the
-    search stops at the bound.
+    Without ``labels`` every diff is a pair's ``score_chosen - score_rejected`` (the first
+    won: label 1). With them, a diff can also be a rating's logit ``reward - baseline`` with
+    its (soft) label, so users who send only ratings get a fitted temperature too: the
+    ratings' BCE is taken on the same reward scale as the pairs' Bradley-Terry loss, so one
+    T serves both. Fit on *validation* data only, never on the held-out set being judged, or
+    the calibration numbers grade their own homework. Golden-section search on log T in
+    [1e-2, 1e2]; 1.0 without informative data. If every diff is on its label's side the
+    optimum is T -> 0 and the search stops at the bound.
     """
     d = np.asarray(diffs, dtype=np.float64)
-    d = d[np.isfinite(d)]
+    y = np.ones_like(d) if labels is None else np.asarray(labels, dtype=np.float64)
+    if y.shape != d.shape:
+        raise ValueError(f"one label per diff: {y.shape} vs {d.shape}")
+    keep = np.isfinite(d) & np.isfinite(y)
+    d, y = d[keep], np.clip(y[keep], 0.0, 1.0)
     if d.size == 0 or not np.any(d):
         return 1.0
 
     def nll(log_t: float) -> float:
-        return float(np.logaddexp(0.0, -d / math.exp(log_t)).mean())
+        x = d / math.exp(log_t)
+        return float((y * np.logaddexp(0.0, -x) + (1.0 - y) * np.logaddexp(0.0, x)).mean())
 
     lo, hi = math.log(1e-2), math.log(1e2)
     g = (math.sqrt(5) - 1) / 2

@@ -103,6 +103,7 @@ def build_config(
             "std": calibration.std,
             "temperature": calibration.temperature,
             "member_offsets": list(calibration.member_offsets),
+            "offset": calibration.offset,
         },
         "training_data": data_summary or {},
         "metrics": metrics or {},
@@ -260,5 +261,6 @@ def load_model(artifact: ModelArtifact, base: Any | None = None) -> LoadedModel:
         float(c["std"]),
         float(c["temperature"]),
         tuple(float(x) for x in c.get("member_offsets", ())),
+        float(c.get("offset", 0.0)),
     )
     return LoadedModel(model=model, base=base, config=cfg, calibration=calib)

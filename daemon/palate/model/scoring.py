@@ -67,6 +67,9 @@ class Calibration:
     #: Each ensemble member's mean score on validation data: removed before the spread is
     #: taken, since a Bradley-Terry member's constant offset says nothing (model/ensemble.py).
     member_offsets: tuple[float, ...] = ()
+    #: The reward at which a rated response counts as good: training's running baseline
+    #: (ratings' BCE is on ``reward - offset``). ``p(good) = sigmoid((r - offset) / T)``.
+    offset: float = 0.0
 
     def z(self, r: np.ndarray) -> np.ndarray:
         return (r - self.mean) / max(self.std, 1e-8)
@@ -74,6 +77,11 @@ class Calibration:
     def prob(self, r_a: float, r_b: float) -> float:
         """p(a preferred over b) = sigmoid((r_a - r_b) / T)."""
         x = (r_a - r_b) / self.temperature
+        return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
+
+    def prob_good(self, r: float) -> float:
+        """p(a rating would call this response good) = sigmoid((r - offset) / T)."""
+        x = (r - self.offset) / self.temperature
         return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
 
 

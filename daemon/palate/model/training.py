@@ -255,6 +255,26 @@ def _loss_inputs(
     )
 
 
+#: Validation examples needed to fit the temperature (fewer: T stays 1.0, flagged).
+MIN_CALIBRATION = 8
+
+
+def _calibration_points(
+    groups: Sequence[EncodedGroup], rewards: Sequence[np.ndarray], delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logit, label) for the temperature fit: a pair's reward difference with label 1, a
+    rating's ``reward - delta`` (the running baseline its BCE used) with its label."""
+    logits, labels = [], []
+    for g, r in zip(groups, rewards, strict=True):
+        if g.kind == "pair":
+            logits.append(float(r[0] - r[1]))
+            labels.append(1.0)
+        else:
+            logits.append(float(r[0] - delta))
+            labels.append(float(g.label))
+    return np.array(logits, dtype=np.float64), np.array(labels, dtype=np.float64)
+
+
 def _evaluate(
     model: RewardModel,
     groups: Sequence[EncodedGroup],
@@ -519,24 +539,37 @@ def train_reward_model(
     if best is not None:
         model.update(tree_unflatten([(k, mx.array(v)) for k, v in best[2].items()]))
         mx.eval(model.parameters())
-    # Calibrate on validation data when there is enough, else (flagged) on training data.
-    calib_g, calib_h, calib_src = (
-        (val_g, val_h, "validation") if len(val_g) >= 8 else (train_g, train_h, "train")
-    )
+    # The temperature is fitted on validation data only: fitted on the examples the model
+    # was just trained on it comes out too small (overconfident), and a model's own training
+    # data is no evidence of its calibration. With fewer than MIN_CALIBRATION validation
+    # examples T stays 1.0 and the metrics say so (calibration_source). Pairs and ratings
+    # both count (ratings' logits are reward - baseline), so rating-only users get a T too.
+    calibrated = len(val_g) >= MIN_CALIBRATION
+    calib_g, calib_h = (val_g, val_h) if calibrated else (train_g, train_h)
     c_loss, c_acc, c_members = _evaluate(model, calib_g, calib_h, config, streams, delta)
     c_rewards = [mean_rewards(r) for r in c_members]
     all_r = np.concatenate([r for r in c_rewards]) if c_rewards else np.zeros(1)
-    diffs = np.array(
-        [r[0] - r[1] for g, r in zip(calib_g, c_rewards, strict=True) if g.kind == "pair"],
-    )
+    logits, labels = _calibration_points(calib_g, c_rewards, delta)
+    n_pairs = sum(g.kind == "pair" for g in calib_g)
+    if calibrated:
+        what = {0: "ratings", len(calib_g): "pairs"}.get(n_pairs, "pairs and ratings")
+        calib_src = f"validation {what} ({len(calib_g)})"
+        temperature = fit_temperature(logits, labels)
+    else:
+        calib_src = (
+            f"none: {len(val_g)} validation examples, {MIN_CALIBRATION} needed; T = 1 "
+            "(score mean/std from training data)"
+        )
+        temperature = 1.0
     offsets: tuple[float, ...] = ()
     if config.members > 1 and c_members:
         offsets = tuple(float(x) for x in np.concatenate(c_members).mean(axis=0))
     calibration = Calibration(
         mean=float(all_r.mean()),
         std=float(all_r.std() or 1.0),
-        temperature=fit_temperature(diffs),
+        temperature=temperature,
         member_offsets=offsets,
+        offset=float(delta),
     )
     metrics = {
         "steps": step,
