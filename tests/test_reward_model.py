@@ -46,13 +46,13 @@ def test_encoding_uses_chat_template_and_ends_at_end_of_turn() -> None:
     assert tok.convert_ids_to_tokens(p[-1]) == "assistant"
 
 
-def test_truncation_cuts_prompt_from_left_and_keeps_response_head() -> None:
+def test_truncation_cuts_prompt_from_left_and_keeps_response_head_and_end() -> None:
     prompt = list(range(100))
     p, (r1, r2), t = truncate_group(prompt, [list(range(10)), list(range(30))], 64)
     assert p == prompt[-34:] and len(r2) == 30 and len(r1) == 10
     assert t.prompt_tokens_cut == 66 and t.response_tokens_cut == 0
     p, (r,), t = truncate_group(prompt, [list(range(200))], 64)
-    assert r == list(range(48)) and p == prompt[-16:]
+    assert r == [*range(47), 199] and p == prompt[-16:]  # the end-of-turn token stays
     assert t.response_tokens_cut == 152 and t.truncated
 
 

@@ -1,7 +1,9 @@
 """The reward model: a frozen base LM, LoRA on its top K blocks, and a scalar head.
 
 Everything about *what* the model computes lives here: how a (prompt, response) becomes
-tokens (the base model's chat template, the prompt truncated from the left), how LoRA is
+tokens (the base model's chat template; truncation that keeps the template's header and
+generation prompt, the text nearest the response, or for an editor prompt the code nearest
+the cursor; a cut response keeps its end-of-turn token), how LoRA is
 attached (the only module that touches ``mlx_lm.tuner``, which is not public API), and the
 forward pass.
 
@@ -40,9 +42,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from palate.events import CODE_CURSOR
+
 __all__ = [
     "LoraConfig",
     "Messages",
+    "PromptIds",
     "RewardModel",
     "Truncation",
     "configure_cpu_threads",
@@ -163,9 +168,76 @@ def _render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
     return body + ("assistant: " if generation_prompt else "")
 
 
+class PromptIds(list[int]):
+    """A prompt's token ids and the parts truncation must keep.
+
+    ``head``: the template's tokens before the first message's text (the chat header, a
+    default system prompt); ``tail``: those after the last message's text (end of turn and
+    the generation prompt). Without them the model reads a prompt whose chat markup is cut
+    off, unlike anything it was trained on. ``cursor``/``cursor_len``: where the editor
+    cursor marker's tokens are (-1: not an editor prompt).
+    """
+
+    head: int = 0
+    tail: int = 0
+    cursor: int = -1
+    cursor_len: int = 0
+
+
+#: Stands in for each message's text to find where the template puts it (no whitespace, so
+#: a template that trims its contents leaves it whole).
+_SENTINEL = "\x00palate-message-{}\x00"
+
+
+def _frame(tokenizer: Any, messages: Messages, prompt_text: str) -> tuple[str, str] | None:
+    """The template text before the first message and after the last, or None if unknown."""
+    marked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+    try:
+        rendered = _render(tokenizer, marked, generation_prompt=True)
+    except Exception:  # a template that refuses the marked copy: no frame, plain left cut
+        return None
+    first, last = _SENTINEL.format(0), _SENTINEL.format(len(messages) - 1)
+    if first not in rendered or last not in rendered:
+        return None
+    head = rendered[: rendered.index(first)]
+    tail = rendered[rendered.rindex(last) + len(last) :]
+    ok = prompt_text.startswith(head) and prompt_text.endswith(tail)
+    return (head, tail) if ok and len(head) + len(tail) <= len(prompt_text) else None
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Messages) -> PromptIds:
+    """The prompt's ids with its generation prompt, marked for :func:`truncate_group`.
+
+    Header, body and tail are tokenized separately (and an editor prompt's body again at the
+    cursor marker), so every part's tokens are known exactly; the join is at template markup
+    or at the marker, where BPE merges rarely cross anyway.
+    """
+    messages = parse_turns(prompt)
+    text = _render(tokenizer, messages, generation_prompt=True)
+    frame = _frame(tokenizer, messages, text) if messages else None
+    if frame is None:
+        return PromptIds(_encode(tokenizer, text))
+    head_text, tail_text = frame
+    body = text[len(head_text) : len(text) - len(tail_text)]
+    head, tail = _encode(tokenizer, head_text), _encode(tokenizer, tail_text)
+    if CODE_CURSOR in body:
+        before, after = body.split(CODE_CURSOR, 1)
+        b, c, a = (_encode(tokenizer, t) for t in (before, CODE_CURSOR, after))
+        out = PromptIds([*head, *b, *c, *a, *tail])
+        out.cursor, out.cursor_len = len(head) + len(b), len(c)
+    else:
+        out = PromptIds([*head, *_encode(tokenizer, body), *tail])
+    out.head, out.tail = len(head), len(tail)
+    return out
+
+
 def encode_prompt_responses(
     tokenizer: Any, prompt: str | Messages, responses: Sequence[str]
-) -> tuple[list[int], list[list[int]]]:
+) -> tuple[PromptIds, list[list[int]]]:
     """Token ids of the prompt (with the generation prompt) and of each response turn.
 
     The two parts are tokenized separately so that every response of one prompt shares the
@@ -175,7 +247,7 @@ def encode_prompt_responses(
     """
     messages = parse_turns(prompt)
     prompt_text = _render(tokenizer, messages, generation_prompt=True)
-    prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+    prompt_ids = encode_prompt(tokenizer, prompt)
     out: list[list[int]] = []
     for response in responses:
         full = _render(tokenizer, [*messages, {"role": "assistant", "content": response}], False)
@@ -206,21 +278,51 @@ class Truncation:
 def truncate_group(
     prompt_ids: Sequence[int], responses: Sequence[Sequence[int]], max_tokens: int
 ) -> tuple[list[int], list[list[int]], Truncation]:
-    """Fit prompt + each response into ``max_tokens``, cutting the prompt from the left.
+    """Fit prompt + each response into ``max_tokens``.
 
     The prompt is cut once for the whole group (by the longest response) so its responses
-    still share it. A response longer than 3/4 of the budget keeps its head and loses its
-    tail, so at least a quarter of the budget (or the whole prompt) stays for the context.
+    still share it, by :func:`cut_prompt`. A response longer than 3/4 of the budget keeps its
+    head and its last token (the end-of-turn token, where the head reads the score) and loses
+    the rest, so at least a quarter of the budget (or the whole prompt) stays for the context.
     """
     if max_tokens < 4:
         raise ValueError(f"max_tokens must be >= 4, got {max_tokens}")
     keep_prompt = min(len(prompt_ids), max_tokens // 4)
     cap = max_tokens - keep_prompt
     cut_resp = sum(max(0, len(r) - cap) for r in responses)
-    kept = [list(r[:cap]) for r in responses]
+    kept = [list(r) if len(r) <= cap else [*r[: cap - 1], r[-1]] for r in responses]
     budget = max_tokens - max(len(r) for r in kept)
-    cut_prompt = max(0, len(prompt_ids) - budget)
-    return list(prompt_ids[cut_prompt:]), kept, Truncation(cut_prompt, cut_resp)
+    prompt = cut_prompt(prompt_ids, budget)
+    return prompt, kept, Truncation(len(prompt_ids) - len(prompt), cut_resp)
+
+
+def cut_prompt(ids: Sequence[int], budget: int) -> list[int]:
+    """At most ``budget`` of a prompt's ids, keeping what matters most for the response.
+
+    The template's header and tail always stay (:class:`PromptIds`); of the text between,
+    an editor prompt keeps the code nearest the cursor (the end of the prefix, with up to a
+    quarter of the room for the code after the cursor, more when the prefix is short), any
+    other prompt its end (the latest turns, nearest the response). Plain id lists, or a
+    budget too small for header and tail, are cut from the left.
+    """
+    if len(ids) <= budget:
+        return list(ids)
+    head, tail = getattr(ids, "head", 0), getattr(ids, "tail", 0)
+    cursor, clen = getattr(ids, "cursor", -1), getattr(ids, "cursor_len", 0)
+    room = budget - head - tail
+    if room < 1 or (cursor >= 0 and room <= clen):
+        return list(ids[len(ids) - budget :]) if budget > 0 else []
+    body = list(ids[head : len(ids) - tail])
+    if cursor < 0:
+        kept = body[len(body) - room :]
+    else:
+        at = cursor - head
+        before, marker, after = body[:at], body[at : at + clen], body[at + clen :]
+        left = room - clen
+        n_after = min(len(after), max(left // 4, left - len(before)))
+        n_before = min(len(before), left - n_after)
+        kept = [*before[len(before) - n_before :], *marker, *after[:n_after]]
+    return [*ids[:head], *kept, *ids[len(ids) - tail :]]
 
 
 # ---------------------------------------------------------------------------- the model
