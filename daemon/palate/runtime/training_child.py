@@ -42,7 +42,13 @@ from palate.evaluation.heldout import (  # noqa: E402
     load_probes,
 )
 from palate.evaluation.split import example_key, heldout_status, split_items  # noqa: E402
-from palate.events import Example, PairExample, RatingExample, to_examples  # noqa: E402
+from palate.events import (  # noqa: E402
+    Example,
+    PairExample,
+    RatingExample,
+    derive_pairs,
+    to_examples,
+)
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
 from palate.model.scoring import Scorer  # noqa: E402
@@ -72,9 +78,12 @@ def on_progress(e: ProgressEvent) -> None:
 
 
 def load_examples(store: Store) -> list[Example]:
+    """Every stored event as examples, plus the pairs implied by comparable ratings
+    (events.derive_pairs: same prompt, good vs bad), which share their ratings' split key."""
     out: list[Example] = []
     for event in store.iter_events():
         out.extend(to_examples(event))
+    out.extend(derive_pairs(out))
     return out
 
 
@@ -102,18 +111,25 @@ def score_heldout(
                     source=p.source,
                     domain=p.domain,
                     pair_id=f"{p.event_id}:{i + k}",
+                    cluster=example_key(p),  # the bootstraps resample prompts, not pairs
                 )
             )
-    rrs = [
-        RatingRecord(
-            float(scorer.raw_scores(r.prompt, [r.response])[0]),
-            r.label,
-            len(r.response),
-            source=r.source,
-            domain=r.domain,
-        )
-        for r in ratings
-    ]
+    rrs: list[RatingRecord] = []
+    for i in range(0, len(ratings), SCORE_CHUNK):
+        rated = ratings[i : i + SCORE_CHUNK]
+        scored = scorer.score_many([(r.prompt, [r.response]) for r in rated])
+        for k, (r, res) in enumerate(zip(rated, scored, strict=True)):
+            rrs.append(
+                RatingRecord(
+                    float(res.raw[0]),
+                    r.label,
+                    len(r.response),
+                    source=r.source,
+                    domain=r.domain,
+                    rating_id=f"{r.event_id}:{i + k}",
+                    cluster=example_key(r),
+                )
+            )
     return prs, rrs
 
 
@@ -128,18 +144,23 @@ def judge(
     temperature: float,
     pairs: Sequence[PairExample],
     ratings: Sequence[RatingExample],
-    deployed_pairs: Sequence[PairRecord] | None = None,
+    deployed: tuple[list[PairRecord], list[RatingRecord]] | None = None,
     on_chunk: Callable[[int], None] | None = None,
-) -> tuple[Metrics, list[PairRecord]]:
+) -> tuple[Metrics, tuple[list[PairRecord], list[RatingRecord]]]:
+    """Score the held-out pairs, ratings and probes with one model and evaluate them;
+    ``deployed`` (the deployed model's records from the same call) adds the paired
+    comparison. Returns the metrics and this model's records."""
     prs, rrs = score_heldout(scorer, pairs, ratings, on_chunk)
     metrics = evaluate(
         prs,
         rrs,
         temperature=temperature,
         probes=score_probes(scorer),
-        deployed_pairs=deployed_pairs,
+        deployed_pairs=deployed[0] if deployed is not None else None,
+        deployed_ratings=deployed[1] if deployed is not None else None,
+        rating_offset=scorer.calibration.offset,
     )
-    return metrics, prs
+    return metrics, (prs, rrs)
 
 
 def deployed_scorer(store: Store, base: BaseModel) -> tuple[int, Scorer, float] | None:
@@ -238,12 +259,12 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
 
     PROGRESS.report("evaluate", 0, to_judge, message="judging")
     dep_metrics: Metrics | None = None
-    dep_pairs: list[PairRecord] | None = None
+    dep_records: tuple[list[PairRecord], list[RatingRecord]] | None = None
     dep_version = None
     dep = deployed_scorer(store, base)
     if dep is not None:
         dep_version, d_scorer, d_temp = dep
-        dep_metrics, dep_pairs = judge(
+        dep_metrics, dep_records = judge(
             d_scorer, d_temp, held_pairs, held_ratings, on_chunk=on_chunk
         )
     scorer = Scorer(result.model, base.tokenizer, tc.max_tokens, result.calibration)
@@ -252,9 +273,10 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         result.calibration.temperature,
         held_pairs,
         held_ratings,
-        deployed_pairs=dep_pairs,
+        deployed=dep_records,
         on_chunk=on_chunk,
     )
+    metrics["calibration_source"] = result.metrics.get("calibration_source")
     metrics["heldout"] = asdict(heldout_status(len(held_pairs)))
     decision: Decision = decide(metrics, dep_metrics, policy)
 
