@@ -196,9 +196,16 @@ def test_length_bias_sees_a_length_scorer() -> None:
 
 def test_probe_set_is_shipped_and_sane() -> None:
     probes = load_probes()
-    assert 40 <= len(probes) <= 60
+    assert 70 <= len(probes) <= 100
     cats = {p.category for p in probes}
-    assert cats == {"arithmetic", "on_topic", "polite", "helpful", "honest", "code"}
+    assert cats == {"arithmetic", "on_topic", "polite", "helpful", "honest", "code"} | {
+        # adversarial and shifted (issue 16): agreeing with a false premise, padding instead
+        # of answering, sounding sure instead of being right, code asked for vs prose
+        "sycophancy",
+        "verbose_non_answer",
+        "confident_wrong",
+        "code_prose_shift",
+    }
     assert all(sum(p.category == c for p in probes) >= 5 for c in cats)
     assert len({p.id for p in probes}) == len(probes)
     assert all(p.prompt and p.chosen and p.rejected and p.chosen != p.rejected for p in probes)
