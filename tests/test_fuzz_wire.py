@@ -333,3 +333,29 @@ def test_mutated_frames_in_process(env: inproc.Env, chunks: list[bytes]) -> None
         inproc.serve_bytes(env, chunks)
         mem.check(sum(map(len, chunks)), env)
     assert not env.in_transaction()
+
+
+def test_nothing_prints_after_pytests_summary() -> None:
+    """The in-process env's figures belong in its (captured) teardown: printed at interpreter
+    exit they landed after pytest's summary line, where they read as a stray failure."""
+    import subprocess
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::test_mutated_frames_in_process",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PALATE_LEAD_RUN": "1"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "passed" in r.stdout
+    assert "palate-fuzz" not in r.stdout + r.stderr
