@@ -18,11 +18,18 @@ from palate.model.scoring import Calibration, Scorer  # noqa: E402
 from tiny_lm import WORDS, tiny_base  # noqa: E402
 
 
-def _scorer(max_tokens: int = 64, streams: int = 1) -> Scorer:
+def _scorer(max_tokens: int = 64, streams: int = 1, cpu_forward: bool = True) -> Scorer:
     base = tiny_base()
     model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
-    model.head.weight = mx.random.normal((1, 64))  # a head that separates responses
-    return Scorer(model, base.tokenizer, max_tokens, Calibration(0.5, 2.0, 1.5), n_streams=streams)
+    model.head.weight = mx.random.normal((1, 64), key=mx.random.key(1))  # separates responses
+    return Scorer(
+        model,
+        base.tokenizer,
+        max_tokens,
+        Calibration(0.5, 2.0, 1.5),
+        n_streams=streams,
+        cpu_forward=cpu_forward,
+    )
 
 
 def test_score_alone_equals_score_in_padded_batch() -> None:
@@ -48,11 +55,42 @@ def test_truncated_response_scored_independently_of_neighbours() -> None:
 
 
 def test_two_streams_same_scores() -> None:
+    """Two MLX streams (the shards of one batch run in parallel) give the scores of one.
+
+    On CPU a Scorer runs the numpy engine by default, which has no streams: the MLX path is
+    forced here, and the numpy engine is held to the same scores."""
     prompt = "w1 w2 w3"
     responses = [f"w{i} w{i + 1}" for i in range(8)]
-    a = _scorer(streams=1).raw_scores(prompt, responses)
-    b = _scorer(streams=2).raw_scores(prompt, responses)
+    one = _scorer(streams=1, cpu_forward=False)
+    two = _scorer(streams=2, cpu_forward=False)
+    assert one.engine is None and two.engine is None and len(two.streams) == 2
+    a = one.raw_scores(prompt, responses)
+    b = two.raw_scores(prompt, responses)
     np.testing.assert_allclose(a, b, atol=1e-4)
+    engine = _scorer(streams=1)
+    if engine.engine is not None:
+        np.testing.assert_allclose(engine.raw_scores(prompt, responses), a, atol=1e-4)
+
+
+def test_lora_dropout_does_not_make_scores_random() -> None:
+    """LoRA dropout acts in training only: scoring twice gives the same scores, equal to the
+    numpy engine's (which has no dropout), and the model is back in training mode after."""
+    base = tiny_base()
+    model = RewardModel(base.model, LoraConfig(layers=2, dropout=0.5), seed=0)
+    model.head.weight = mx.random.normal((1, 64))
+    for layer in model.layers[-2:]:  # non-zero LoRA B, so dropout on its input matters
+        layer.self_attn.q_proj.lora_b = mx.random.normal(layer.self_attn.q_proj.lora_b.shape)
+        layer.mlp.up_proj.lora_b = mx.random.normal(layer.mlp.up_proj.lora_b.shape)
+    assert model.training
+    sc = Scorer(model, base.tokenizer, 64, cpu_forward=False)
+    responses = [f"w{i} w{i + 3} w{i + 5}" for i in range(6)]
+    a = sc.raw_scores("w1 w2", responses)
+    b = sc.raw_scores("w1 w2", responses)
+    np.testing.assert_array_equal(a, b)
+    assert model.training  # restored: training still drops out
+    numpy = Scorer(model, base.tokenizer, 64)
+    if numpy.engine is not None:
+        np.testing.assert_allclose(numpy.raw_scores("w1 w2", responses), a, atol=1e-4)
 
 
 def test_z_scores_and_probability() -> None:

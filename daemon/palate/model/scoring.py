@@ -125,7 +125,29 @@ def group_rewards(
 
     With ``hidden`` (the frozen-prefix cache) only the blocks above ``model.split`` run.
     With ``engine`` (a numpy snapshot of ``model``) the forward runs there instead of MLX.
+
+    The model runs in eval mode (restored afterwards): with LoRA dropout > 0 an MLX module
+    in training mode drops activations at random, so the same response would score
+    differently on every call, and differently from the numpy engine, which has no dropout.
     """
+    was_training = bool(model.training)
+    if was_training:
+        model.eval()
+    try:
+        return _group_rewards(model, groups, token_budget, streams, hidden, engine)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _group_rewards(
+    model: RewardModel,
+    groups: Sequence[EncodedGroup],
+    token_budget: int,
+    streams: Sequence[Any],
+    hidden: Sequence[tuple[np.ndarray, list[np.ndarray]]] | None,
+    engine: CpuEngine | None,
+) -> list[np.ndarray]:
     start = model.split if hidden is not None else 0
     out: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(groups)
     for index in bucket_batches(groups, token_budget):
