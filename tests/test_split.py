@@ -57,12 +57,19 @@ def test_fraction_is_roughly_respected() -> None:
 
 
 def test_items_sharing_a_prompt_share_a_side() -> None:
-    # All pairs of one ranking (same prompt) and trivially different spellings of it.
-    pairs = [(p, k) for p in _prompts(300, 6) for k in range(3)]
-    pairs += [(p.upper() + "  \n", 9) for p in _prompts(300, 6)]
-    s = split_items(pairs, lambda pk: split_key(pk[0]))
-    held = {split_key(p) for p, _ in s.heldout}
-    assert held and not held & {split_key(p) for p, _ in s.train}
+    """Every pair of one ranking and a trivially different spelling of its prompt land on
+    the side of the original. Sides are compared per *item* (comparing split keys would be
+    true of any key function, normalising or not)."""
+    prompts = _prompts(300, 6)
+    items = [(i, p, k) for i, p in enumerate(prompts) for k in range(3)]
+    items += [(i, p.upper() + "  \n", 9) for i, p in enumerate(prompts)]
+    s = split_items(items, lambda it: split_key(it[1]))
+    sides: dict[int, set[bool]] = {}
+    for side, group in ((True, s.heldout), (False, s.train)):
+        for i, _, _ in group:
+            sides.setdefault(i, set()).add(side)
+    assert all(len(v) == 1 for v in sides.values())
+    assert {True, False} == {next(iter(v)) for v in sides.values()}  # both sides used
 
 
 def test_conversation_id_and_message_lists() -> None:
