@@ -87,8 +87,13 @@ def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
         assert first["outcome"] == "done", first
         v1 = first["result"]["version"]
         c.call("deploy", {"version": v1, "override": True, "reason": "test baseline"})
+        # The run trained and judged an ensemble (issue 16): its own metrics are registered.
+        ens = c.call("models", {"version": v1})["model"]["meta"]["metrics"]["ensemble"]
+        assert ens["heldout"]["members"] == 5 and len(ens["heldout"]["coverage_accuracy"]) == 10
+        assert "sycophancy" in ens["probes"]["by_category"]
     before = score(d)
     assert before["version"] == v1
+    assert before["members"] == 5 and len(before["uncertainty"]) == 2
     models_before, deployed_before = registry(d)
 
     # a long run this time: the child reads config.toml when it starts

@@ -24,7 +24,7 @@ import numpy as np
 
 from palate.evaluation.heldout import calibration
 
-__all__ = ["coverage_accuracy", "pair_confidence", "selective_report"]
+__all__ = ["coverage_accuracy", "ensemble_metrics", "pair_confidence", "selective_report"]
 
 COVERAGES = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
@@ -98,3 +98,29 @@ def selective_report(
             }
         out["by_category"] = cats
     return out
+
+
+def ensemble_metrics(
+    heldout: list[tuple[Any, Any]],
+    probes: list[tuple[Any, Any]],
+    probe_categories: list[str],
+    temperature: float,
+) -> dict[str, Any]:
+    """The ``ensemble`` key of a training run's metrics: :func:`selective_report` of the
+    held-out pairs and of the probes (with their categories), from member scores collected
+    in chunks of (chosen, rejected)."""
+
+    def cat(chunks: list[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        if not chunks:
+            return np.zeros((0, 1)), np.zeros((0, 1))
+        return (
+            np.concatenate([_members(a) for a, _ in chunks]),
+            np.concatenate([_members(b) for _, b in chunks]),
+        )
+
+    ha, hb = cat(heldout)
+    pa, pb = cat(probes)
+    return {
+        "heldout": selective_report(ha, hb, temperature),
+        "probes": selective_report(pa, pb, temperature, probe_categories),
+    }

@@ -67,6 +67,7 @@ from palate.model.scoring import (
 __all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train_reward_model"]
 
 Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
+Prefix = tuple[list[EncodedGroup], Hidden | None, TruncationStats]
 
 
 def _f(default: Any, help: str) -> Any:
@@ -154,6 +155,10 @@ class TrainResult:
     data_summary: dict[str, Any]
     truncation: TruncationStats
     history: list[dict[str, Any]]
+    #: The encoded examples and their frozen-prefix cache: pass it as ``prefix`` to train
+    #: again on the same examples and config without paying for either (bench/ensemble.py
+    #: trains several ensemble variants on one cache).
+    prefix: Prefix | None = None
 
 
 #: Salt of the validation split: the held-out split's function (evaluation/split.py), so
@@ -336,6 +341,7 @@ def train_reward_model(
     config: TrainConfig | None = None,
     progress: ProgressFn | None = None,
     base: Any | None = None,
+    prefix: Prefix | None = None,
 ) -> TrainResult:
     """Train a reward model on in-memory examples and calibrate it.
 
@@ -356,7 +362,11 @@ def train_reward_model(
     streams = make_streams(config.streams)
     train_ex, val_ex = _split(examples, config.val_fraction)
     emit(ProgressEvent("encode", 0, len(examples), message="tokenizing"))
-    groups, trunc = encode_examples([*train_ex, *val_ex], base.tokenizer, config.max_tokens)
+    if prefix is not None and len(prefix[0]) == len(examples):
+        groups, trunc = prefix[0], prefix[2]  # the same examples, split the same way
+    else:
+        prefix = None
+        groups, trunc = encode_examples([*train_ex, *val_ex], base.tokenizer, config.max_tokens)
     train_g, val_g = groups[: len(train_ex)], groups[len(train_ex) :]
     emit(
         ProgressEvent(
@@ -368,7 +378,9 @@ def train_reward_model(
     hidden: Hidden | None = None
     start = 0
     t_cache = time.monotonic()
-    if config.prefix_cache and model.split > 0:
+    if prefix is not None and prefix[1] is not None and config.prefix_cache:
+        hidden, start = prefix[1], model.split
+    elif config.prefix_cache and model.split > 0:
         total_tok = sum(g.cost for g in groups)
         t0 = time.monotonic()
 
@@ -600,4 +612,5 @@ def train_reward_model(
         data_summary={**_summary(train_ex, val_ex, groups), "truncation": trunc.to_json()},
         truncation=trunc,
         history=history,
+        prefix=(groups, hidden, trunc),
     )

@@ -41,6 +41,7 @@ from palate.evaluation.heldout import (  # noqa: E402
     evaluate,
     load_probes,
 )
+from palate.evaluation.selective import ensemble_metrics  # noqa: E402
 from palate.evaluation.split import example_key, heldout_status, split_items  # noqa: E402
 from palate.events import (  # noqa: E402
     Example,
@@ -51,7 +52,7 @@ from palate.events import (  # noqa: E402
 )
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
-from palate.model.scoring import Scorer  # noqa: E402
+from palate.model.scoring import Scorer, mean_rewards  # noqa: E402
 from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
 from palate.paths import resolve  # noqa: E402
 from palate.runtime.progress import RunPlan, RunProgress  # noqa: E402
@@ -92,13 +93,18 @@ def score_heldout(
     pairs: Sequence[PairExample],
     ratings: Sequence[RatingExample],
     on_chunk: Callable[[int], None] | None = None,
+    members: list[tuple[Any, Any]] | None = None,
 ) -> tuple[list[PairRecord], list[RatingRecord]]:
     """The held-out set as evaluation records, scored by one model (``on_chunk(n)`` after
-    every ``n`` pairs scored, for progress)."""
+    every ``n`` pairs scored, for progress); ``members`` collects the ensemble members'
+    scores of the pairs (chosen, rejected) per chunk."""
     prs: list[PairRecord] = []
     for i in range(0, len(pairs), SCORE_CHUNK):
         chunk = pairs[i : i + SCORE_CHUNK]
-        a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in chunk])
+        am, bm = scorer.score_pairs_members([(p.prompt, p.chosen, p.rejected) for p in chunk])
+        a, b = mean_rewards(am), mean_rewards(bm)
+        if members is not None:
+            members.append((am, bm))
         if on_chunk is not None:
             on_chunk(len(chunk))
         for k, p in enumerate(chunk):
@@ -133,9 +139,12 @@ def score_heldout(
     return prs, rrs
 
 
-def score_probes(scorer: Scorer) -> list[PairRecord]:
+def score_probes(scorer: Scorer, members: list[tuple[Any, Any]] | None = None) -> list[PairRecord]:
     probes = load_probes()
-    a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in probes])
+    am, bm = scorer.score_pairs_members([(p.prompt, p.chosen, p.rejected) for p in probes])
+    if members is not None:
+        members.append((am, bm))
+    a, b = mean_rewards(am), mean_rewards(bm)
     return [p.record(float(a[i]), float(b[i])) for i, p in enumerate(probes)]
 
 
@@ -150,15 +159,23 @@ def judge(
     """Score the held-out pairs, ratings and probes with one model and evaluate them;
     ``deployed`` (the deployed model's records from the same call) adds the paired
     comparison. Returns the metrics and this model's records."""
-    prs, rrs = score_heldout(scorer, pairs, ratings, on_chunk)
+    held: list[tuple[Any, Any]] = []
+    prs, rrs = score_heldout(scorer, pairs, ratings, on_chunk, held)
+    probe_members: list[tuple[Any, Any]] = []
+    probes = score_probes(scorer, probe_members)
     metrics = evaluate(
         prs,
         rrs,
         temperature=temperature,
-        probes=score_probes(scorer),
+        probes=probes,
         deployed_pairs=deployed[0] if deployed is not None else None,
         deployed_ratings=deployed[1] if deployed is not None else None,
         rating_offset=scorer.calibration.offset,
+    )
+    # The ensemble's own view (docs/evaluation.md): accuracy on its surest pairs, and where
+    # on the probes its members disagree.
+    metrics["ensemble"] = ensemble_metrics(
+        held, probe_members, [p.domain for p in probes], temperature
     )
     return metrics, (prs, rrs)
 
