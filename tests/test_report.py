@@ -174,3 +174,35 @@ def test_probe_set_has_its_own_axis_without_length_baselines() -> None:
     )
     assert vlines(probe) == [0.5]
     assert probe.get_xlim()[0] == 0.0
+
+
+def test_report_shows_where_the_ensemble_is_unsure() -> None:
+    from palate.evaluation.selective import ensemble_metrics
+
+    s = _sample()
+    rng = np.random.default_rng(3)
+    probes = load_probes()
+    held_c = rng.normal(1.0, 1.0, size=(120, 5))
+    # members agree on the probes of one category and split on another's
+    probe_c = np.ones((len(probes), 5))
+    split = np.array([p.category == "sycophancy" for p in probes])
+    probe_c[split] = [[2.0, -2.0, 2.0, -2.0, 1.0]]
+    metrics = {
+        **s["metrics"],
+        "ensemble": ensemble_metrics(
+            [(held_c, np.zeros((120, 5)))],
+            [(probe_c, np.zeros((len(probes), 5)))],
+            [p.category for p in probes],
+            0.8,
+        ),
+    }
+    html = render_report(metrics, s["decision"], HISTORY)
+    p = _parse(html)
+    assert not p.open
+    assert len(p.imgs) == 4  # slices, reliability, scatter and the coverage-accuracy curve
+    text = " ".join(p.text)
+    assert "Where the ensemble is unsure" in text
+    # the category the members split on is listed first
+    rows = html.split("<h2>Where the ensemble is unsure</h2>", 1)[1]
+    assert rows.index(">sycophancy<") < rows.index(">arithmetic<")
+    assert "Where the ensemble is unsure" not in render_report(s["metrics"], s["decision"], [])

@@ -287,6 +287,70 @@ def _reliability_plot(cal: Mapping[str, Any]) -> str:
     return _png(fig)
 
 
+def _coverage_plot(ens: Mapping[str, Any]) -> str:
+    """Accuracy on the most confident share of held-out pairs (and probes): a curve that
+    falls from left to right means the ensemble knows when it is unsure."""
+    fig = _new_fig(4.8, 4.6)
+    ax = fig.add_subplot()
+    for key, label, style in (("heldout", "held-out pairs", "o-"), ("probes", "probes", "s--")):
+        curve = (ens.get(key) or {}).get("coverage_accuracy") or []
+        if curve:
+            ax.plot(
+                [100 * c for c, _ in curve],
+                [100 * a for _, a in curve],
+                style,
+                color=_COLOURS["candidate"] if key == "heldout" else _COLOURS["deployed"],
+                ms=4,
+                lw=1.2,
+                label=label,
+            )
+    ax.axhline(50, color="#bbb", lw=1)
+    ax.set_xlim(0, 102)
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("coverage: most confident share of pairs (%)")
+    ax.set_ylabel("accuracy on them (%)")
+    held = ens.get("heldout") or {}
+    ax.set_title(
+        f"{held.get('members', '?')} members; at 50% coverage "
+        f"{_pct(held.get('selective_accuracy_50'))}",
+        fontsize=10,
+    )
+    ax.legend(frameon=False, fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _ensemble_section(m: Mapping[str, Any]) -> str:
+    """Selective accuracy and where the members disagree (metrics["ensemble"])."""
+    ens = m.get("ensemble")
+    if not ens:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{c['n']}</td><td>{_pct(c['accuracy'])}</td>"
+        f"<td>{_f(c['mean_spread'])}</td><td>{c['unsure']}</td></tr>"
+        for name, c in sorted(
+            ((ens.get("probes") or {}).get("by_category") or {}).items(),
+            key=lambda kv: -kv[1]["mean_spread"],
+        )
+    )
+    table = (
+        "<table><tr><th>probe category</th><th>n</th><th>accuracy</th>"
+        "<th>member spread of the margin</th><th>unsure (bounds straddle 0)</th></tr>"
+        f"{rows}</table>"
+        if rows
+        else ""
+    )
+    return (
+        "<h2>Where the ensemble is unsure</h2><div class='grid'>"
+        + _coverage_plot(ens)
+        + f"<div>{table}</div></div><p class='note'>Left: accuracy on the pairs the ensemble "
+        "is surest of (confidence: the members' lower bound of the margin). Right: probe "
+        "categories by how much the members disagree, most first; 'unsure' counts probes "
+        "whose member spread is wider than the mean margin. Unsure questions from real use "
+        "go to the review queue (`palate review list`).</p>"
+    )
+
+
 def _scatter_plot(m: Mapping[str, Any]) -> str:
     """Score against response length: a rising cloud is a length-biased model."""
     sc = m.get("length_scatter") or {"length": [], "score": []}
@@ -518,6 +582,7 @@ def render_report(
         "</div><p class='note'>Left: each bin's observed share of wins against the predicted "
         "probability (each pair counted in both orders); on the diagonal is calibrated. Right: "
         "every held-out response's score against its length (at most 400 shown).</p>",
+        _ensemble_section(metrics),
         "<h2>Training curves</h2>",
         _loss_plot(train_curves) if train_curves else "<p>No training curves recorded.</p>",
         _history(history),
