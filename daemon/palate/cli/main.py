@@ -20,6 +20,7 @@ from palate.cli import data, keys, models
 from palate.cli.adapters import adapters as adapters_group
 from palate.cli.adapters import browser as browser_group
 from palate.cli.common import EXIT_CODES, emit, fail, handles_errors, json_option
+from palate.cli.federate import federate as federate_group
 from palate.cli.review import review as review_group
 from palate.cli.service import schedule as schedule_command
 from palate.cli.service import service as service_group
@@ -242,6 +243,7 @@ cli.add_command(browser_group)
 cli.add_command(service_group)
 cli.add_command(review_group)
 cli.add_command(schedule_command)
+cli.add_command(federate_group)
 
 
 def main() -> None:

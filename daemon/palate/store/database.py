@@ -121,6 +121,31 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    (
+        4,
+        "federation: the per-user privacy ledger of federated rounds and the shared adapter",
+        """
+        CREATE TABLE federation_rounds (
+            seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts               REAL NOT NULL,
+            federation       TEXT NOT NULL,
+            round            INTEGER NOT NULL,
+            noise_multiplier REAL NOT NULL,
+            clipping_norm    REAL NOT NULL,
+            delta            REAL NOT NULL,
+            epsilon          REAL NOT NULL
+        );
+        CREATE INDEX federation_rounds_federation ON federation_rounds(federation, round);
+        CREATE TABLE federation_adapters (
+            federation TEXT PRIMARY KEY,
+            updated    REAL NOT NULL,
+            meta       TEXT NOT NULL,
+            arrays     BLOB NOT NULL
+        );
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
@@ -833,6 +858,81 @@ class Store:
             n = int(c.execute(sql, args).rowcount)
             self.audit("forget_review", {"deleted": n, "all": everything, "source": source})
         return n
+
+    # -- federation (migration 4; docs/federated.md) ---------------------------------------
+    def record_federated_round(
+        self,
+        *,
+        federation: str,
+        round: int,
+        noise_multiplier: float,
+        clipping_norm: float,
+        delta: float,
+        epsilon: float,
+    ) -> int:
+        """Add one round this user took part in to the privacy ledger (before its update is
+        sent: a crash between the two over-counts, never under-counts). ``epsilon`` is the
+        total spent with this round included. Returns the ledger entry's number."""
+        with self._write("recording a federated round") as c:
+            row = c.execute(
+                "INSERT INTO federation_rounds (ts, federation, round, noise_multiplier, "
+                "clipping_norm, delta, epsilon) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (
+                    time.time(),
+                    federation,
+                    int(round),
+                    float(noise_multiplier),
+                    float(clipping_norm),
+                    float(delta),
+                    float(epsilon),
+                ),
+            ).fetchone()
+        return int(row[0])
+
+    def federated_rounds(self, federation: str | None = None) -> list[dict[str, Any]]:
+        """The privacy ledger, oldest first (all federations unless one is named)."""
+        sql = (
+            "SELECT seq, ts, federation, round, noise_multiplier, clipping_norm, delta, epsilon "
+            "FROM federation_rounds"
+        )
+        args: tuple[Any, ...] = ()
+        if federation is not None:
+            sql += " WHERE federation = ?"
+            args = (federation,)
+        cols = ("seq", "ts", "federation", "round", "noise_multiplier", "clipping_norm")
+        return [
+            dict(zip((*cols, "delta", "epsilon"), r, strict=True))
+            for r in self._conn.execute(sql + " ORDER BY seq", args)
+        ]
+
+    def set_federated_adapter(
+        self, federation: str, meta: Mapping[str, Any], arrays: bytes
+    ) -> None:
+        """Keep the latest shared (global) LoRA/head weights of a federation: the starting
+        point the nightly run may use. Weights derived from others' data live encrypted
+        here like the user's own models."""
+        with self._write("saving the federated adapter") as c:
+            c.execute(
+                "INSERT INTO federation_adapters (federation, updated, meta, arrays) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(federation) DO UPDATE SET "
+                "updated = excluded.updated, meta = excluded.meta, arrays = excluded.arrays",
+                (federation, time.time(), json.dumps(dict(meta), sort_keys=True), arrays),
+            )
+
+    def federated_adapter(
+        self, federation: str | None = None
+    ) -> tuple[dict[str, Any], bytes] | None:
+        """The newest shared adapter (of ``federation``, else of any): (meta, arrays)."""
+        sql = "SELECT federation, updated, meta, arrays FROM federation_adapters"
+        args: tuple[Any, ...] = ()
+        if federation is not None:
+            sql += " WHERE federation = ?"
+            args = (federation,)
+        row = self._conn.execute(sql + " ORDER BY updated DESC LIMIT 1", args).fetchone()
+        if row is None:
+            return None
+        meta = {**json.loads(row[2]), "federation": row[0], "updated": row[1]}
+        return meta, bytes(row[3])
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
