@@ -94,6 +94,15 @@ def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
     before = score(d)
     assert before["version"] == v1
     assert before["members"] == 5 and len(before["uncertainty"]) == 2
+    with d.client() as c:  # the review queue, fed by a real ensemble's rerank
+        cands = ["a helpful answer", "no", "maybe later"]
+        r = c.rerank("explain recursion", cands, remember=True, lower_bound=1.0)
+        assert r["ranked_by"] == "lower_bound" and len(r["lower_bounds"]) == 3
+        assert r["review_id"] and r["members"] == 5 and min(r["uncertainty"]) > 0
+        (item,) = c.review_list()["items"]
+        assert item["id"] == r["review_id"] and item["version"] == v1 and item["info"] >= 0
+        assert {item["a"], item["b"]} <= set(cands) and item["members"] == 5
+        assert c.review_answer(item["id"], "b")["event"]["id"]
     models_before, deployed_before = registry(d)
 
     # a long run this time: the child reads config.toml when it starts
