@@ -207,6 +207,13 @@ def _load(model_dir: str) -> Any:
     help="Keep the cache pass and validation in MLX instead of the faster numpy forward.",
 )
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True, help=_HELP["seed"])
+@click.option(
+    "--members",
+    type=click.IntRange(1, 32),
+    default=TrainConfig.members,
+    show_default=True,
+    help=_HELP["members"],
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
 def train_command(
     data: str | None,
@@ -230,6 +237,7 @@ def train_command(
     streams: int,
     no_cpu_forward: bool,
     seed: int,
+    members: int,
     as_json: bool,
 ) -> None:
     """Train a reward model: from your stored feedback (via the daemon), or offline from a file.
@@ -276,6 +284,7 @@ def train_command(
         streams=streams,
         cpu_forward=not no_cpu_forward,
         seed=seed,
+        members=members,
     )
     from palate.model.artifacts import artifact_from_model, build_config, save_dir
     from palate.model.base_model import load_base_model
