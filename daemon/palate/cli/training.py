@@ -530,7 +530,7 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
         )
     except Exception as exc:
         raise _fail(exc) from exc
-    a, b = mean_rewards(am), mean_rewards(bm)
+    a, b = mean_rewards(am).tolist(), mean_rewards(bm).tolist()
     rep = pairwise_report(a, b, [len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs])
     sel = selective_report(am, bm, loaded.calibration.temperature)
     if as_json:
