@@ -8,6 +8,7 @@ ensure_fast_blas()
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -100,13 +101,41 @@ def test_remainder_examples_are_trained_on() -> None:
     assert not np.array_equal(np.array(one["head.weight"]), np.array(init["head.weight"]))
 
 
+GOOD_WORD = "w47"  # what the ratings teach (the pairs teach the marker)
+
+
+def _rated(n: int, seed: int) -> list[RatingExample]:
+    """Ratings on a feature the pairs never show: a response with GOOD_WORD is good."""
+    out = []
+    for i, p in enumerate(marker_pairs(n, seed=seed)):
+        text = p.rejected.replace(GOOD_WORD, "w1")
+        out.append(RatingExample(p.prompt, f"{text} {GOOD_WORD}" if i % 2 else text, i % 2))
+    return out
+
+
+def _rating_auc(res: Any, base: Any, ratings: list[RatingExample]) -> float:
+    sc = Scorer(res.model, base.tokenizer, 64, res.calibration)
+    s = np.array([sc.raw_scores(r.prompt, [r.response])[0] for r in ratings])
+    y = np.array([r.label for r in ratings])
+    return float((s[y == 1][:, None] > s[y == 0][None, :]).mean())
+
+
 def test_pairs_and_ratings_in_one_run() -> None:
+    """Both kinds train, each in its own direction: pairs on the marker, ratings on a word
+    the pairs never show. Inverted rating labels would teach the opposite and fail."""
     base = tiny_base()
-    pairs = marker_pairs(60)
-    ratings = [RatingExample(p.prompt, p.chosen, 1.0) for p in pairs[:30]]
-    ratings += [RatingExample(p.prompt, p.rejected, 0.0) for p in pairs[30:]]
-    res = train_reward_model(pairs + ratings, TrainConfig(epochs=2, **FAST), base=base)
-    assert res.data_summary["ratings"] == 60 and res.data_summary["pairs"] == 60
+    pairs = marker_pairs(120)
+    ratings = _rated(200, seed=5)
+    # Ratings start on a plateau (a near-zero head, BCE around a moving baseline): about
+    # 100 steps get past it on this model.
+    res = train_reward_model(pairs + ratings, TrainConfig(epochs=8, members=1, **FAST), base=base)
+    assert res.data_summary["ratings"] == 200 and res.data_summary["pairs"] == 120
+    assert _rating_auc(res, base, _rated(100, seed=77)) >= 0.9
+    test = [e for e in marker_pairs(150, seed=78) if GOOD_WORD not in e.chosen + e.rejected]
+    a, b = Scorer(res.model, base.tokenizer, 64, res.calibration).score_pairs(
+        [(e.prompt, e.chosen, e.rejected) for e in test]
+    )
+    assert (a > b).mean() >= 0.8  # the pairs' marker, learned alongside (chance: 0.5)
 
 
 def test_empty_dataset_rejected() -> None:
