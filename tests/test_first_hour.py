@@ -97,8 +97,8 @@ def test_a_rejected_first_model_is_no_dead_end(
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[1].endswith("'beta gamma'") and lines[2].endswith(f"'delta {MARKER}'")
-    st = d.cli("status").stdout
-    assert re.search(rf"^model +version {v} deployed, held-out accuracy", st, re.M), st
+    text = d.cli("status").stdout
+    assert re.search(rf"^model +version {v} deployed, held-out accuracy", text, re.M), text
 
 
 def _current(d: DaemonProc) -> dict[str, Any] | None:

@@ -61,7 +61,7 @@ def _sample() -> dict[str, Any]:
 CURVES = [{"step": s, "train_loss": 0.7 - s / 1000} for s in range(10, 200, 10)] + [
     {"step": s, "val_loss": 0.72 - s / 1500} for s in range(50, 200, 50)
 ]
-HISTORY = [
+HISTORY: list[dict[str, Any]] = [
     {
         "version": "v2",
         "created": "2026-05-02",
@@ -147,11 +147,10 @@ def test_history_shows_created_as_a_local_date() -> None:
     """The registry stores Unix seconds; the report shows the date a person reads."""
     s = _sample()
     created = 1_795_688_410.2268233
-    html = render_report(
-        s["metrics"],
-        s["decision"],
-        [{"version": 1, "created": created, "state": "rejected", "decision": "reject"}],
-    )
+    history: list[dict[str, Any]] = [
+        {"version": 1, "created": created, "state": "rejected", "decision": "reject"}
+    ]
+    html = render_report(s["metrics"], s["decision"], history)
     assert time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) in html
     assert "1795688410" not in html
 
@@ -164,6 +163,7 @@ def test_probe_set_has_its_own_axis_without_length_baselines() -> None:
     assert [t.get_text() for t in probe.get_yticklabels()] == [
         f"probe set  (n={s['metrics']['probes']['n']})"
     ]
+
     # the main axis carries chance and both length baselines; the probe axis chance only
     def vlines(ax: Any) -> list[float]:  # axvline: y from 0 to 1 in axes coordinates
         return [float(ln.get_xdata()[0]) for ln in ax.lines if list(ln.get_ydata()) == [0, 1]]
