@@ -241,3 +241,22 @@ def test_cli_review(palate_daemon: DaemonProc) -> None:
     assert r.returncode == 4 and "already answered" in r.stderr
     r = palate_daemon.cli("review", "answer", it["id"], "never")
     assert r.returncode == 2
+
+
+def test_rescoring_reorders_open_items_and_leaves_answered_ones(store: Store) -> None:
+    store.add_review_item(item(1, None))
+    store.add_review_item(item(2, 0.3))
+    store.add_review_item(item(3, 0.2))
+    store.answer_review("q-3", "skip", lambda it: None)
+    n = store.rescore_review(
+        [
+            ("q-1", 0.9, 0.4, 2, "the members split", {"votes_a": 0.4, "members": 5}),
+            ("q-3", 0.9, 0.4, 2, "late", {}),
+            ("q-gone", 0.9, 0.4, 2, "gone", {}),
+        ]
+    )
+    assert n == 1
+    first, second = store.list_review(5)
+    assert first["id"] == "q-1" and first["version"] == 2 and first["why"] == "the members split"
+    assert first["votes_a"] == 0.4 and first["prompt"] == "prompt 1"
+    assert second["id"] == "q-2" and store.review_counts()["open"] == 2

@@ -7,6 +7,7 @@ back. Parameter checking lives here so every transport enforces the same rules.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import hashlib
@@ -24,7 +25,13 @@ import numpy as np
 from palate import API_LEVEL, __version__
 from palate.errors import PalateError
 from palate.events import MAX_BATCH, validate_event
-from palate.model.ensemble import agreement, bounds_separate, pair_information, pick_question
+from palate.model.ensemble import (
+    Question,
+    agreement,
+    bounds_separate,
+    pair_information,
+    pick_question,
+)
 from palate.runtime.jobs import TrainingJobs
 from palate.runtime.scheduler import Scheduler
 from palate.runtime.serving import ScoringService, softmax
@@ -59,6 +66,8 @@ MAX_REVIEW_LIST = 100
 REVIEW_ANSWERS = ("a", "b", "tie", "skip")
 REVIEW_SOURCE = "review"
 MAX_LOWER_BOUND = 100.0
+#: Open questions re-scored after a deploy (most valuable first).
+REVIEW_RESCORE_MAX = 200
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 
 
@@ -183,6 +192,9 @@ class Api:
         self.adapter_states: Callable[[], list[dict[str, Any]]] = list
         #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
         self.on_deploy: list[Callable[[int], Awaitable[None]]] = []
+        #: The review queue is ordered by the deployed model's view: re-scored after a deploy.
+        self.on_deploy.append(self._rescore_review)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def dispatch(self, method: str, params: Mapping[str, Any]) -> Any:
         handler = self.methods.get(method)
@@ -660,6 +672,38 @@ class Api:
             log.warning("could not queue a review item: %s", e.message)
             return None
         return str(item["id"]) if queued else None
+
+    async def _rescore_review(self, version: int) -> None:
+        """Start re-scoring the open questions with the newly deployed model, in the
+        background (a deploy must not wait for it; live requests share the scorer)."""
+        if self.serving is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._rescore(version))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _rescore(self, version: int) -> None:
+        items = await self.writer.call(lambda s: s.list_review(REVIEW_RESCORE_MAX))
+        updates = []
+        for it in items:
+            if it.get("version") == version:
+                continue
+            try:
+                assert self.serving is not None
+                model, res = await self.serving.score(
+                    it["prompt"], [it["a"], it["b"]], DEFAULT_SCORE_TIMEOUT_S
+                )
+            except PalateError as e:  # busy, or the model went away: try after the next deploy
+                log.info("review queue not re-scored: %s", e.message)
+                break
+            members = _members(res)
+            info, p, votes = pair_information(members[0], members[1], model.temperature)
+            q = Question(0, 1, info, p, votes, members.shape[1])
+            extra = {"votes_a": votes, "members": q.members}
+            updates.append((it["id"], info, p, model.version, q.why(), extra))
+        if updates:
+            await self.writer.call(lambda s: s.rescore_review(updates))
+            log.info("re-scored %d review items with version %d", len(updates), version)
 
     async def review_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Open review questions, the most valuable label first."""

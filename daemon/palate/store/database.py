@@ -766,6 +766,28 @@ class Store:
         ).fetchall()
         return [_review_item(*r) for r in rows]
 
+    def rescore_review(
+        self, updates: Sequence[tuple[str, float, float, int, str, Mapping[str, Any]]]
+    ) -> int:
+        """New scores ``(id, info, p, version, why, extra)`` for open items (after a deploy);
+        items answered or gone meanwhile are left alone. Returns how many changed."""
+        n = 0
+        with self._write("re-scoring review items") as c:
+            for item_id, info, p, version, why, extra in updates:
+                row = c.execute(
+                    "SELECT body FROM review_items WHERE id = ? AND state = 'open'", (item_id,)
+                ).fetchone()
+                if row is None or row[0] is None:
+                    continue
+                content = msgpack.unpackb(row[0], raw=False)
+                content.update(why=why, extra=dict(extra))
+                n += c.execute(
+                    "UPDATE review_items SET info = ?, p = ?, version = ?, body = ? "
+                    "WHERE id = ? AND state = 'open'",
+                    (info, p, version, self._packer.pack(content), item_id),
+                ).rowcount
+        return n
+
     def review_counts(self, *, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
         c = self._conn
