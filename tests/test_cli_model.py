@@ -89,6 +89,14 @@ def test_eval_json_contract(setup) -> None:  # type: ignore[no-untyped-def]
     assert [c for c, _ in curve] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     assert curve[-1][1] == pytest.approx(rep["accuracy"])
     assert rep["selective_accuracy_50"] == curve[4][1] >= rep["accuracy"] - 1e-9
+    # The length effect (issue 15): the subsets partition the unequal-length pairs and the
+    # controlled accuracy is their mean.
+    n_l, n_s = rep["n_chosen_longer"], rep["n_chosen_shorter"]
+    assert n_l > 0 and n_s > 0 and n_l + n_s <= rep["n"]
+    assert rep["length_controlled_accuracy"] == pytest.approx(
+        (rep["accuracy_chosen_longer"] + rep["accuracy_chosen_shorter"]) / 2
+    )
+    assert -1.0 <= rep["length_corr"] <= 1.0
 
 
 def test_score_human_and_json(setup) -> None:  # type: ignore[no-untyped-def]

@@ -512,10 +512,13 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
     """Pairwise accuracy of a model on a JSONL of pairs, with a 95% CI and length baselines.
 
     JSON keys: accuracy, n, correct, ties (counted wrong), ci_low, ci_high,
-    baseline_shorter, baseline_longer, mean_margin; and from the ensemble: members, ece,
-    coverage_accuracy ([coverage, accuracy] on the most confident pairs), selective_accuracy_50,
-    mean_spread.
+    baseline_shorter, baseline_longer, mean_margin; the length effect: length_corr (margin vs
+    chosen-minus-rejected length), length_controlled_accuracy, accuracy_chosen_longer,
+    n_chosen_longer, accuracy_chosen_shorter, n_chosen_shorter; and from the ensemble:
+    members, ece, coverage_accuracy ([coverage, accuracy] on the most confident pairs),
+    selective_accuracy_50, mean_spread.
     """
+    from palate.evaluation.heldout import length_effect
     from palate.evaluation.metrics import pairwise_report
     from palate.evaluation.selective import selective_report
     from palate.model.scoring import mean_rewards
@@ -533,9 +536,10 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
     a, b = mean_rewards(am).tolist(), mean_rewards(bm).tolist()
     rep = pairwise_report(a, b, [len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs])
     sel = selective_report(am, bm, loaded.calibration.temperature)
+    le = length_effect(a, b, [len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs])
     if as_json:
         keys = ("members", "ece", "coverage_accuracy", "selective_accuracy_50", "mean_spread")
-        click.echo(json.dumps({**rep.to_json(), **{k: sel[k] for k in keys}}, indent=2))
+        click.echo(json.dumps({**rep.to_json(), **le, **{k: sel[k] for k in keys}}, indent=2))
         return
     click.echo(
         f"accuracy {rep.accuracy:.3f}  95% CI [{rep.ci_low:.3f}, {rep.ci_high:.3f}]  "
@@ -545,10 +549,25 @@ def eval_command(model_dir: str, data: str, as_json: bool, batch_tokens: int) ->
         f"baselines: always-shorter {rep.baseline_shorter:.3f}, "
         f"always-longer {rep.baseline_longer:.3f}"
     )
+    click.echo(_length_line(le))
     half = sel["selective_accuracy_50"]
     click.echo(
         f"ensemble of {sel['members']}: ECE {sel['ece']:.3f}, accuracy on the 50% most "
         f"confident pairs {half:.3f}"
+    )
+
+
+def _length_line(le: dict[str, Any]) -> str:
+    """The length effect in one line; "n/a" where a figure is undefined (no pairs of a kind)."""
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (
+        f"length: chosen longer {f(le['accuracy_chosen_longer'])} "
+        f"(n={le['n_chosen_longer']}), chosen shorter {f(le['accuracy_chosen_shorter'])} "
+        f"(n={le['n_chosen_shorter']}), length-controlled "
+        f"{f(le['length_controlled_accuracy'])}, margin/length corr {f(le['length_corr'])}"
     )
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "cluster_bootstrap",
     "evaluate",
     "fit_temperature",
+    "length_effect",
     "load_probes",
     "paired_bootstrap",
     "rating_auc",
@@ -156,6 +157,48 @@ def rating_auc(
         return None
     r = _rank(s)
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def length_effect(
+    score_chosen: Sequence[float] | np.ndarray,
+    score_rejected: Sequence[float] | np.ndarray,
+    len_chosen: Sequence[float] | np.ndarray,
+    len_rejected: Sequence[float] | np.ndarray,
+) -> dict[str, Any]:
+    """How much of a model's pairwise accuracy is the length of the answers.
+
+    ``length_corr``: Pearson correlation of the margin ``score_chosen - score_rejected`` with
+    the length difference ``len_chosen - len_rejected`` (negative: the model prefers the
+    shorter answer whatever it says; a reward model that judged content alone would be near 0
+    on data whose length difference says little). ``accuracy_chosen_longer`` /
+    ``_shorter``: accuracy (ties wrong) on the pairs whose chosen answer is longer / shorter,
+    with their counts; ``length_controlled_accuracy``: their mean, i.e. accuracy as if half
+    the pairs went each way, so a model that learnt "shorter wins" from brevity-heavy data
+    does not get credit for it. Pairs of equal length are in neither subset. Undefined values
+    (no pairs of one kind, a constant margin) are None.
+    """
+    d = np.asarray(score_chosen, dtype=np.float64) - np.asarray(score_rejected, dtype=np.float64)
+    dl = np.asarray(len_chosen, dtype=np.float64) - np.asarray(len_rejected, dtype=np.float64)
+    if d.shape != dl.shape:
+        raise ValueError(f"one length difference per margin: {d.shape} vs {dl.shape}")
+    correct = d > 0  # NaN compares False: wrong, as everywhere
+    longer, shorter = dl > 0, dl < 0
+    acc_l = float(correct[longer].mean()) if longer.any() else None
+    acc_s = float(correct[shorter].mean()) if shorter.any() else None
+    keep = np.isfinite(d)
+    corr = None
+    if keep.sum() >= 3 and d[keep].std() > 0 and dl[keep].std() > 0:
+        corr = _num(np.corrcoef(d[keep], dl[keep])[0, 1])
+    return {
+        "length_corr": corr,
+        "length_controlled_accuracy": (
+            (acc_l + acc_s) / 2 if acc_l is not None and acc_s is not None else None
+        ),
+        "accuracy_chosen_longer": acc_l,
+        "n_chosen_longer": int(longer.sum()),
+        "accuracy_chosen_shorter": acc_s,
+        "n_chosen_shorter": int(shorter.sum()),
+    }
 
 
 # -- clusters and the cluster bootstrap -------------------------------------------------------
@@ -737,6 +780,9 @@ def evaluate(
         "correct": overall["correct"],
         "ties": int(np.sum(sc == sr)),
         "mean_margin": _num(diffs.mean()) if n else None,
+        # The length effect in flat keys (the same figures as length_controlled, plus the
+        # margin/length-difference correlation): what `palate eval --json` prints too.
+        **length_effect(sc, sr, lc, lr),
         "baselines": {
             "always_longer": longer,
             "always_shorter": shorter,

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["LossInputs", "LossTerms", "ensemble_loss", "preference_loss"]
+__all__ = ["LossInputs", "LossTerms", "ensemble_loss", "length_correlation", "preference_loss"]
 
 
 @dataclass
@@ -119,3 +119,22 @@ def ensemble_loss(
     return LossTerms(
         loss=loss / k, nll_sum=report.nll_sum, correct=report.correct, count=report.count
     )
+
+
+def length_correlation(rewards: mx.array, log_len: mx.array) -> mx.array:
+    """Pearson correlation of the reward with the log response length over a batch's rows.
+
+    ``rewards`` (S,) or (S, K) (an ensemble: the member mean), ``log_len`` (S,). The length
+    lever's penalty is its square (training.py, ``length_decorr``): differentiable, zero when
+    the reward carries no linear trace of length, and blind to the reward's scale, so it
+    cannot be met by shrinking the rewards. Batch statistics are noisy; that is fine for a
+    regulariser but the figure is not a metric (evaluation reports ``length_corr``). 0 for
+    fewer than 3 rows or constant lengths.
+    """
+    r = rewards.mean(axis=1) if rewards.ndim == 2 else rewards
+    if r.shape[0] < 3:
+        return mx.array(0.0)
+    rc = r - r.mean()
+    lc = log_len - log_len.mean()
+    denom = mx.sqrt((rc * rc).sum() * (lc * lc).sum() + 1e-12)
+    return (rc * lc).sum() / denom

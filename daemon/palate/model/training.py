@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 try:
@@ -39,6 +39,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
+from palate.evaluation.heldout import length_effect
 from palate.evaluation.metrics import fit_temperature
 from palate.evaluation.split import example_key, split_items
 from palate.model.batching import (
@@ -53,7 +54,12 @@ from palate.model.batching import (
 )
 from palate.model.cpu_forward import CpuEngine, default_threads
 from palate.model.ensemble import bootstrap_weights
-from palate.model.losses import LossInputs, ensemble_loss, preference_loss
+from palate.model.losses import (
+    LossInputs,
+    ensemble_loss,
+    length_correlation,
+    preference_loss,
+)
 from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads
 from palate.model.scoring import (
     Calibration,
@@ -69,6 +75,7 @@ __all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train_reward_model"]
 Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
 Prefix = tuple[list[EncodedGroup], Hidden | None, TruncationStats]
 
+    "length_balance_weights",
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -98,13 +105,38 @@ class TrainConfig:
     center_coef: float = _f(0.01, "reward-centering coefficient (eta * mean r^2)")
     baseline_momentum: float = _f(0.99, "EMA momentum of the running reward baseline for ratings")
     val_fraction: float = _f(0.1, "share of prompts held out for validation (hash split)")
-    eval_every: int = _f(50, "validate every N optimizer steps (and at each epoch end)")
-    patience: int = _f(4, "stop after this many validations without val-loss improvement")
+    # 25 and 2 (were 50 and 4): on all HH dev pairs the validation loss was best at step 50 of
+    # 158 and patience 4 at a cadence of 50 could never fire inside one epoch, so two thirds of
+    # the training came after the best checkpoint. A validation costs about 5 training steps
+    # (forward only, top blocks, 10% of the data), so every 25 steps adds ~20% and stopping
+    # 2 validations after the best saves far more whenever the best comes early.
+    eval_every: int = _f(25, "validate every N optimizer steps (and at each epoch end)")
+    patience: int = _f(
+        2, "stop after this many validations without val-loss improvement (0: never stop)"
+    )
+    min_delta: float = _f(
+        1e-3, "a validation loss must beat the best by this much (nats) to count as better"
+    )
     prefix_cache: bool = _f(True, "cache the frozen lower blocks' outputs once per example")
     cache_dtype: str = _f("float16", "storage dtype of the cache: float16 or float32")
     streams: int = _f(2, "parallel MLX streams (CPU cores to keep busy)")
     cpu_forward: bool = _f(
         True, "on CPU, run gradient-free passes (prefix cache, validation) in numpy (faster)"
+    )
+    # The length lever (issue 15, docs/model.md "Length"): off until a measurement on
+    # validation data says it pays (docs/benchmarks.md).
+    length_head: bool = _f(
+        False,
+        "train with a length head: a learned a*log(1+response tokens) is added to every reward "
+        "during training only and dropped at scoring, so the LoRA/head need not learn length",
+    )
+    length_decorr: float = _f(
+        0.0, "penalty on the squared batch correlation of reward with log response length"
+    )
+    length_balance: bool = _f(
+        False,
+        "reweight training pairs so chosen-longer and chosen-shorter pairs weigh the same "
+        "in total (the length shortcut then earns nothing in the loss)",
     )
     seed: int = _f(0, "seed for init and batch order; same seed, same model")
     members: int = _f(
@@ -159,6 +191,43 @@ class TrainResult:
     #: again on the same examples and config without paying for either (bench/ensemble.py
     #: trains several ensemble variants on one cache).
     prefix: Prefix | None = None
+
+
+class LengthHead(nn.Module):
+    """The length lever's second head (after ODIN, Chen et al. 2024, reduced to its core).
+
+    During training the Bradley-Terry loss sees ``r(x) + a * log(1 + tokens(x))``: one scalar
+    ``a`` that can explain every preference for shorter (``a < 0``) or longer answers on its
+    own. A single parameter learns that shortcut faster than the LoRA can, so the gradient
+    left for the LoRA and head is the part of the preference that length does not explain
+    (the "learned-mixin" of debiasing by a biased-only model). At scoring the length head is
+    dropped: the artifact holds only ``r``. Not saved: nothing reads it after training.
+    """
+
+    #: Adam moves every parameter by about lr per step whatever its gradient, so a bare
+    #: coefficient would need thousands of steps to reach logit scale while the LoRA learns
+    #: length in tens. Its input is scaled instead: at lr 5e-4 ``a`` moves ~0.05 a step.
+    SCALE = 100.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = mx.zeros((1,))
+
+    def coefficient(self) -> float:
+        """``a``: reward per unit of log(1 + response tokens) the head absorbed."""
+        return float(self.weight[0]) * self.SCALE
+
+    def __call__(self, log_len: mx.array) -> mx.array:
+        return self.weight * (self.SCALE * log_len)
+
+
+class _WithLengthHead(nn.Module):
+    """The reward model and its training-only length head, trained by one optimizer."""
+
+    def __init__(self, model: RewardModel, length: LengthHead) -> None:
+        super().__init__()
+        self.model = model
+        self.length = length
 
 
 #: Salt of the validation split: the held-out split's function (evaluation/split.py), so
@@ -312,6 +381,53 @@ def _evaluate(
     return nll / max(count, 1), correct / max(count, 1), rewards
 
 
+#: The largest weight length balancing gives a pair: a handful of chosen-longer pairs
+#: among hundreds must not each count as dozens.
+MAX_BALANCE_WEIGHT = 4.0
+
+
+def length_balance_weights(groups: Sequence[EncodedGroup]) -> list[float]:
+    """Multipliers of each group's weight that make the chosen-longer and chosen-shorter
+    pairs (by response tokens) carry equal total weight, and the whole set its old total.
+
+    On HH-harmless the chosen answer is the shorter one in 54% of pairs and, on harmful
+    requests, far more often: "shorter wins" is free accuracy, and a model trained on it
+    refuses benign requests too (issue 15). Balanced, predicting length earns exactly as
+    much loss on one side as it costs on the other, so only what the answers say is worth
+    learning, the training-side mirror of the evaluation's ``length_controlled_accuracy``.
+    Unlike a correlation penalty it never fights content that happens to correlate with
+    length, and it is exact under the two-stream split (a weight per pair). Ratings and
+    equal-length pairs keep 1; a side is capped at :data:`MAX_BALANCE_WEIGHT`.
+    """
+    sign = [
+        int(np.sign(len(g.responses[0]) - len(g.responses[1]))) if g.kind == "pair" else 0
+        for g in groups
+    ]
+    n_l, n_s = sign.count(1), sign.count(-1)
+    if n_l == 0 or n_s == 0:
+        return [1.0] * len(groups)
+    half = (n_l + n_s) / 2.0
+    w_l = min(half / n_l, MAX_BALANCE_WEIGHT)
+    w_s = min(half / n_s, MAX_BALANCE_WEIGHT)
+    return [w_l if x == 1 else w_s if x == -1 else 1.0 for x in sign]
+
+
+def _validation_length(
+    groups: Sequence[EncodedGroup], rewards: Sequence[np.ndarray]
+) -> dict[str, Any] | None:
+    """:func:`palate.evaluation.heldout.length_effect` of the validation pairs (lengths in
+    response tokens after truncation); None without pairs."""
+    pairs = [(g, r) for g, r in zip(groups, rewards, strict=True) if g.kind == "pair"]
+    if not pairs:
+        return None
+    return length_effect(
+        [float(r[0]) for _, r in pairs],
+        [float(r[1]) for _, r in pairs],
+        [len(g.responses[0]) for g, _ in pairs],
+        [len(g.responses[1]) for g, _ in pairs],
+    )
+
+
 def _schedule(config: TrainConfig, total_steps: int) -> Callable[[mx.array], mx.array]:
     warm = max(0, min(config.warmup_steps, total_steps // 4))
     decay = optim.cosine_decay(
@@ -409,6 +525,11 @@ def train_reward_model(
         start = model.split
     cache_s = time.monotonic() - t_cache
     train_h = hidden[: len(train_g)] if hidden is not None else None
+    if config.length_balance:  # new groups: a reused prefix keeps its own weights
+        train_g = [
+            replace(g, weight=g.weight * m)
+            for g, m in zip(train_g, length_balance_weights(train_g), strict=True)
+        ]
     val_h = hidden[len(train_g) :] if hidden is not None else None
 
     rng = np.random.default_rng(config.seed)
@@ -425,23 +546,41 @@ def train_reward_model(
         learning_rate=_schedule(config, total_steps), weight_decay=config.weight_decay
     )
 
+    # The length lever: off, the trained module is the model itself (bit-identical runs).
+    trainee: nn.Module = model
+    if config.length_head:
+        trainee = _WithLengthHead(model, LengthHead())
+
     def loss_fn(
-        m: RewardModel,
+        t_mod: nn.Module,
         arrays: tuple[mx.array, ...],
         li: LossInputs,
         delta: float,
         wn: float,
         rn: float,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        m = t_mod.model if isinstance(t_mod, _WithLengthHead) else t_mod
         rewards = m.forward_groups(arrays[0], arrays[1], arrays[2], arrays[3], arrays[4], start)
         assert not isinstance(rewards, tuple)
+        scored = rewards  # what validation and scoring see: the length head is dropped there
+        log_len = mx.log1p(arrays[3].astype(mx.float32))  # response tokens (after truncation)
+        if isinstance(t_mod, _WithLengthHead):
+            extra = t_mod.length(log_len)
+            rewards = rewards + (extra[:, None] if rewards.ndim == 2 else extra)
         if rewards.ndim == 2:  # (S, K): an ensemble
             t = ensemble_loss(rewards, li, delta, config.center_coef, wn, rn)
-            return t.loss, t.nll_sum, t.correct, rewards.mean(axis=1).sum()
-        t = preference_loss(rewards, li, delta, config.center_coef, wn, rn)
-        return t.loss, t.nll_sum, t.correct, rewards.sum()
+            total, baseline = t.loss, rewards.mean(axis=1).sum()
+        else:
+            t = preference_loss(rewards, li, delta, config.center_coef, wn, rn)
+            total, baseline = t.loss, rewards.sum()
+        if config.length_decorr > 0:
+            # Per shard: the rows of one stream (a regulariser, so the shards need not add
+            # up exactly as the likelihood terms do).
+            corr = length_correlation(scored, log_len)
+            total = total + config.length_decorr * corr * corr
+        return total, t.nll_sum, t.correct, baseline
 
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    loss_and_grad = nn.value_and_grad(trainee, loss_fn)
     delta = 0.0
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, np.ndarray]] | None = None
@@ -458,14 +597,18 @@ def train_reward_model(
             return False
         v_loss, v_acc, _ = _evaluate(model, val_g, val_h, config, streams, delta)
         history.append({"step": step, "val_loss": v_loss, "val_acc": v_acc})
-        emit(ProgressEvent("validate", step, total_steps, loss=v_loss, acc=v_acc))
-        if best is None or v_loss < best[0]:
+        if best is None or v_loss < best[0] - config.min_delta:
             state = {k: np.array(v) for k, v in model.trainable_state().items()}
             best = (v_loss, step, state)
             bad_evals = 0
         else:
             bad_evals += 1
-        return bad_evals >= config.patience
+        stop = config.patience > 0 and bad_evals >= config.patience
+        note = f"best step {best[1]} (val loss {best[0]:.4f})"
+        if stop:
+            note += f"; stopping: {bad_evals} validations without improvement"
+        emit(ProgressEvent("validate", step, total_steps, loss=v_loss, acc=v_acc, message=note))
+        return stop
 
     accum: Any = None
     pending = 0
@@ -481,7 +624,7 @@ def train_reward_model(
                 with mx.stream(stream):
                     outs.append(
                         loss_and_grad(
-                            model,
+                            trainee,
                             batch_arrays(batch),
                             _loss_inputs(batch, train_g, shard, boot),
                             delta,
@@ -510,8 +653,8 @@ def train_reward_model(
                 scale = 1.0 / pending
                 accum = tree_map(lambda a, s=scale: a * s, accum)
             accum, _ = optim.clip_grad_norm(accum, config.max_grad_norm)
-            optimizer.update(model, accum)
-            mx.eval(model.trainable_parameters(), optimizer.state)
+            optimizer.update(trainee, accum)
+            mx.eval(trainee.trainable_parameters(), optimizer.state)
             accum, pending = None, 0
             step += 1
             elapsed = time.monotonic() - t_train
@@ -589,6 +732,7 @@ def train_reward_model(
         "epochs": epochs,
         "stopped_early": stopped_early,
         "best_step": best[1] if best else step,
+        "validations": sum("val_loss" in h for h in history),
         "val_loss": best[0] if best else None,
         "calibration_source": calib_src,
         "calibration_loss": c_loss,
@@ -602,6 +746,12 @@ def train_reward_model(
         },
         "train_tokens_per_s": tokens_done / max(train_s, 1e-9),
         "trainable_parameters": int(sum(v.size for v in model.trainable_state().values())),
+        "length_head_weight": (
+            trainee.length.coefficient() if isinstance(trainee, _WithLengthHead) else None
+        ),
+        # The length effect on the validation pairs (chosen by the model that was kept):
+        # what the length lever is chosen on, never the probes (docs/model.md, "Length").
+        "validation_length": _validation_length(calib_g, c_rewards) if calibrated else None,
     }
     emit(ProgressEvent("done", step, total_steps, loss=c_loss, acc=c_acc))
     return TrainResult(
