@@ -70,12 +70,17 @@ from palate.model.scoring import (
     use_cpu_engine,
 )
 
-__all__ = ["ProgressEvent", "TrainConfig", "TrainResult", "train_reward_model"]
+__all__ = [
+    "ProgressEvent",
+    "TrainConfig",
+    "TrainResult",
+    "length_balance_weights",
+    "train_reward_model",
+]
 
 Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
 Prefix = tuple[list[EncodedGroup], Hidden | None, TruncationStats]
 
-    "length_balance_weights",
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
