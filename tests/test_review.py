@@ -65,7 +65,7 @@ def test_pick_question_takes_the_pair_members_disagree_on() -> None:
     # One member (no ensemble): the closest call is asked, with a reason that says so.
     single = pick_question(np.array([[3.0], [0.2], [0.0]]), T)
     assert single is not None and {single.a, single.b} == {1, 2} and single.info == 0.0
-    assert "cannot tell" in single.why()
+    assert "closest call" in single.why() and "members" not in single.why()
 
 
 # -- the queue on a real store -----------------------------------------------------------------

@@ -128,7 +128,12 @@ class Question:
                 f"the {self.members} ensemble members split {k}-{self.members - k} on which "
                 f"is better (expected information {self.info:.3f} nats)"
             )
-        return f"the model cannot tell them apart: p(a beats b) = {self.p_a_over_b:.2f}"
+        if self.members > 1:
+            return (
+                f"the {self.members} members agree; the closest call among the candidates "
+                f"(p(a beats b) = {self.p_a_over_b:.2f})"
+            )
+        return f"the closest call among the candidates (p(a beats b) = {self.p_a_over_b:.2f})"
 
 
 def pick_question(members: np.ndarray, temperature: float) -> Question | None:
