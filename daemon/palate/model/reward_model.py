@@ -421,7 +421,9 @@ class RewardModel(nn.Module):
             block.freeze()
         self.layers = lower + _lora_blocks(list(backbone.layers[top:]), lora)
         self.lora = lora
-        hidden = int(self.embed_tokens.weight.shape[-1])
+        # The final norm's weight, not the embedding's: a quantized embedding (Metal keeps
+        # the GGUF packed) stores D * bits / 32 columns, and the head would be too narrow.
+        hidden = int(self.norm.weight.shape[-1])
         # One output per ensemble member (model/ensemble.py); each row its own random init.
         self.members = members
         self.head = nn.Linear(hidden, members)
