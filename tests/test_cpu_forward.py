@@ -1,4 +1,5 @@
-"""The numpy CPU forward equals MLX's grouped forward (cache pass and full scoring path)."""
+"""The numpy CPU forward equals MLX's grouped forward (cache pass and full scoring path) on
+every supported kind of base, the self-checks that guard both, and the allowlist."""
 
 from __future__ import annotations
 
@@ -6,20 +7,81 @@ from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
+from typing import Any  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from palate.model import scoring  # noqa: E402
+from palate.model.base_model import (  # noqa: E402
+    SELF_CHECK_TOLERANCE,
+    ModelLoadError,
+    _describe,
+    self_check_error,
+    unsupported_architecture,
+)
 from palate.model.batching import bucket_batches, collate, encode_examples  # noqa: E402
-from palate.model.cpu_forward import CpuEngine, cpu_engine_unsupported  # noqa: E402
+from palate.model.cpu_forward import (  # noqa: E402
+    PARITY_TOLERANCE,
+    CpuEngine,
+    cpu_engine_unsupported,
+    parity_error,
+)
 from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
-from palate.model.scoring import batch_arrays  # noqa: E402
-from tiny_lm import marker_pairs, tiny_base  # noqa: E402
+from palate.model.scoring import Scorer, batch_arrays, use_cpu_engine  # noqa: E402
+from tiny_lm import TinyBase, marker_pairs, tiny_base, tiny_tokenizer  # noqa: E402
+
+#: Tiny bases covering what the numpy forward must reproduce: both RoPE styles (the
+#: embedded SmolLM2 uses the non-traditional one), linear RoPE scaling, qwen2's q/k/v
+#: biases, llama's o_proj/MLP biases, and a head_dim that is not hidden / heads.
+BASES = {
+    "llama-traditional-rope": ("llama", dict(rope_traditional=True)),
+    "llama-rope": ("llama", dict(rope_traditional=False)),
+    "llama-rope-scaling": (
+        "llama",
+        dict(rope_traditional=False, rope_scaling={"type": "linear", "factor": 4.0}),
+    ),
+    "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "llama-head-dim": ("llama", dict(head_dim=24)),
+    "qwen2-biases": ("qwen2", dict()),
+}
 
 
-def _model_with_trained_lora(layers: int = 2) -> tuple[RewardModel, object]:
-    base = tiny_base()
+def tiny_variant(name: str, seed: int = 0) -> Any:
+    """A 4-block tiny base of the named kind, with random (non-zero) biases if it has any."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama, qwen2
+
+    kind, extra = BASES[name]
+    common = dict(
+        model_type=kind,
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=64,
+    )
+    mx.random.seed(seed)
+    module = llama if kind == "llama" else qwen2
+    model = module.Model(module.ModelArgs(**{**common, **extra}))  # type: ignore[arg-type]
+    biases = [
+        (k, mx.random.normal(v.shape) * 0.1)
+        for k, v in tree_flatten(model.parameters())
+        if k.endswith(".bias") and isinstance(v, mx.array)
+    ]
+    if biases:  # mlx-lm initialises biases at zero, which would hide a dropped bias
+        model.load_weights(biases, strict=False)
+    mx.eval(model.parameters())
+    assert all(isinstance(m, nn.Module) for m in model.layers)
+    return TinyBase(model=model, tokenizer=tiny_tokenizer())
+
+
+def _model_with_trained_lora(layers: int = 2, base: Any = None) -> tuple[RewardModel, Any]:
+    base = base or tiny_base()
     model = RewardModel(base.model, LoraConfig(rank=4, alpha=8, layers=layers), seed=0)
     # LoRA B starts at zero; make it non-zero so the merged weights really differ from the base.
     mx.random.seed(1)
@@ -34,11 +96,13 @@ def _model_with_trained_lora(layers: int = 2) -> tuple[RewardModel, object]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_numpy_forward_equals_mlx(threads: int) -> None:
-    model, base = _model_with_trained_lora()
+@pytest.mark.parametrize("variant", sorted(BASES))
+def test_numpy_forward_equals_mlx(variant: str, threads: int) -> None:
+    model, base = _model_with_trained_lora(base=tiny_variant(variant))
     assert cpu_engine_unsupported(model) is None
     eng = CpuEngine(model, threads=threads)
-    groups, _ = encode_examples(marker_pairs(24), base.tokenizer, 64)  # type: ignore[attr-defined]
+    assert parity_error(model, eng) < PARITY_TOLERANCE
+    groups, _ = encode_examples(marker_pairs(24), base.tokenizer, 64)
     for index in bucket_batches(groups, 400):
         b = collate(groups, index)
         args = (b.prompt, b.prompt_len, b.response, b.response_len, b.group)
@@ -61,9 +125,94 @@ def test_numpy_forward_equals_mlx(threads: int) -> None:
     eng.close()
 
 
+@pytest.mark.parametrize("variant", sorted(BASES))
+def test_zero_lora_reward_model_is_the_head_on_the_base(variant: str) -> None:
+    """The load-time self-check passes on every supported variant."""
+    base = tiny_variant(variant)
+    assert unsupported_architecture(base.model) is None
+    assert self_check_error(base.model) < SELF_CHECK_TOLERANCE[False]
+
+
+def test_unsupported_bases_are_refused_at_load() -> None:
+    """Gemma scales its embeddings outside the blocks: not on the allowlist, and the
+    self-check sees the reward model compute another function."""
+    from mlx_lm.models import gemma
+
+    mx.random.seed(0)
+    args = gemma.ModelArgs(
+        model_type="gemma",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        vocab_size=64,
+        num_key_value_heads=2,
+    )
+    model = gemma.Model(args)
+    mx.eval(model.parameters())
+    assert "'gemma' is not supported" in (unsupported_architecture(model) or "")
+    assert self_check_error(model) > 10 * SELF_CHECK_TOLERANCE[True]
+    with pytest.raises(ModelLoadError, match="not supported"):
+        _describe(model, tiny_tokenizer(), "test:gemma", "x", False)
+    llama = tiny_variant("llama-rope").model
+    llama.args.layer_types = ["sliding_attention"] * 4
+    assert "sliding-window" in (unsupported_architecture(llama) or "")
+
+
+def test_an_engine_that_disagrees_with_mlx_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parity self-check when an engine is first built: a numpy forward that computes
+    something else (here: every reward off by 0.1) falls back to MLX, and says so."""
+    model, base = _model_with_trained_lora(base=tiny_variant("llama-rope"))
+    monkeypatch.setattr(scoring, "_parity", {})
+    assert scoring.engine_parity(model) is None  # the real engine agrees
+    monkeypatch.setattr(scoring, "_parity", {})
+    real = CpuEngine._forward
+
+    def off(self: CpuEngine, *a: Any) -> Any:
+        out = real(self, *a)
+        return out + 0.1 if isinstance(out, np.ndarray) else out
+
+    monkeypatch.setattr(CpuEngine, "_forward", off)
+    if mx.default_device() == mx.cpu:
+        with caplog.at_level("WARNING", logger="palate.model"):
+            assert not use_cpu_engine(model)
+        assert "numpy forward differs from MLX" in caplog.text
+        assert Scorer(model, base.tokenizer, 64).engine is None
+    reason = scoring.engine_parity(model)
+    assert reason is not None and "stay on MLX" in reason
+
+
 def test_quantized_model_is_reported_unsupported() -> None:
     import mlx.nn as nn
 
     model, _ = _model_with_trained_lora()
     nn.quantize(model.layers[0], group_size=32, bits=4)
     assert "quantized" in (cpu_engine_unsupported(model) or "")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_numpy_equals_mlx_and_passes_its_self_checks() -> None:
+    """The real embedded model (non-traditional RoPE, tied embeddings, GQA): loading it runs
+    the zero-LoRA self-check, and the numpy engine matches MLX on real text."""
+    from palate.model.base_model import load_base_model
+
+    try:
+        base = load_base_model("builtin:smollm2-135m")
+    except ModelLoadError as e:
+        from conftest import missing
+
+        missing(f"embedded model not installed: {e}")
+    assert base.model.layers[0].self_attn.rope.traditional is False
+    model, _ = _model_with_trained_lora(layers=2, base=base)
+    eng = CpuEngine(model, threads=2)
+    assert parity_error(model, eng) < PARITY_TOLERANCE
+    groups, _ = encode_examples(marker_pairs(6), base.tokenizer, 96)
+    b = collate(groups, list(range(len(groups))))
+    ref = np.array(model.forward_groups(*batch_arrays(b)))  # type: ignore[arg-type]
+    got = eng.forward_groups(b.prompt, b.prompt_len, b.response, b.response_len, b.group)
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    eng.close()

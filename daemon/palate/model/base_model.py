@@ -34,6 +34,7 @@ ensure_fast_blas()
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
@@ -42,13 +43,16 @@ from palate.errors import PalateError  # noqa: E402
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_BASE_MODEL",
+    "SUPPORTED_MODEL_TYPES",
     "BaseModel",
     "BuiltinModel",
     "ModelLoadError",
     "file_sha256",
     "load_base_model",
     "locate_builtin",
+    "self_check_error",
     "tokenizer_hash",
+    "unsupported_architecture",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -248,6 +252,73 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# ---------------------------------------------------------------------------- what is supported
+
+#: mlx-lm model types whose blocks the reward model's own forward computes faithfully: it
+#: reuses their attention projections, RoPE, norms and MLP, and adds nothing outside the
+#: blocks but the final norm. Gemma scales the embeddings (and Granite multiplies them,
+#: the residuals and the attention) outside what the reward model reuses, so they would
+#: compute another function; anything not listed is refused rather than guessed.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama 2/3 and SmolLM (RoPE scaling, attention_bias and mlp_bias included)",
+    "mistral": "Mistral (the llama blocks; sequences stay shorter than any sliding window)",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases)",
+    "qwen3": "Qwen3 (per-head q/k norms; the numpy CPU forward falls back to MLX)",
+}
+#: Relative error allowed by the load-time self-check: float32 bases, then quantized or
+#: half-precision ones (whose two paths round differently).
+SELF_CHECK_TOLERANCE = {False: 1e-3, True: 2e-2}
+
+
+def unsupported_architecture(model: nn.Module) -> str | None:
+    """Why the base ``model`` cannot carry a reward model (None when it can)."""
+    args = getattr(model, "args", None)
+    kind = getattr(args, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        known = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        return f"architecture {kind!r} is not supported (supported: {known})"
+    for name in ("embedding_multiplier", "residual_multiplier", "attention_multiplier"):
+        if getattr(args, name, None) not in (None, 1, 1.0):
+            return f"{name} = {getattr(args, name)} is not supported"
+    if "sliding_attention" in (getattr(args, "layer_types", None) or ()):
+        return "sliding-window attention layers are not supported (the reward model attends fully)"
+    return None
+
+
+def self_check_error(model: nn.Module, n_tokens: int = 12) -> float:
+    """Relative difference between a zero-LoRA reward model and the head applied to the
+    base's own hidden states, on a short fixed sequence.
+
+    With LoRA B at zero the reward model must be exactly "the base model, then the head at
+    the last token": the base's own ``model.model(tokens)`` is mlx-lm's reference of what the
+    checkpoint computes, while the reward model runs its own grouped forward over the same
+    blocks. Anything the grouped forward misses (an embedding scale, a multiplier, a norm
+    it skips) shows up here, at load, instead of as silently wrong rewards.
+    """
+    from palate.model.reward_model import LoraConfig, RewardModel
+
+    rm = RewardModel(model, LoraConfig(layers=0), seed=0)  # head only: no LoRA at all
+    rm.eval()
+    vocab = int(getattr(model.args, "vocab_size", 0) or rm.embed_tokens.weight.shape[0])
+    ids = [(7 * i + 3) % vocab for i in range(n_tokens)]
+    cut = n_tokens * 2 // 3
+    reward = rm.forward_groups(
+        mx.array([ids[:cut]]),
+        mx.array([cut]),
+        mx.array([ids[cut:]]),
+        mx.array([n_tokens - cut]),
+        mx.array([0]),
+    )
+    assert not isinstance(reward, tuple)
+    hidden = model.model(mx.array([ids]))  # final-normed hidden states, (1, L, D)
+    ref = rm.head(hidden[:, -1].astype(mx.float32)).reshape(-1)
+    got, want = reward.astype(mx.float32).reshape(-1), ref
+    mx.eval(got, want)
+    diff = float(np.abs(np.array(got) - np.array(want)).max())
+    scale = 1.0 + float(np.abs(np.array(want)).max())
+    return diff / scale if diff == diff else float("inf")
+
+
 # ---------------------------------------------------------------------------- loaders
 
 
@@ -282,6 +353,17 @@ def _describe(
     hidden = getattr(args, "hidden_size", None)
     if hidden is None:
         raise ModelLoadError(f"{model_id}: cannot tell the hidden size", spec=model_id)
+    reason = unsupported_architecture(model)
+    if reason is None:
+        err = self_check_error(model)
+        tol = SELF_CHECK_TOLERANCE[quantized or _compute_dtype(model) != mx.float32]
+        if not err <= tol:
+            reason = (
+                f"the reward model's forward differs from the base model's own by {err:.3g} "
+                f"(relative; at most {tol:g} allowed): it would compute another function"
+            )
+    if reason is not None:
+        raise ModelLoadError(f"{model_id}: {reason}", spec=model_id, reason_detail=reason)
     return BaseModel(
         model=model,
         tokenizer=tokenizer,

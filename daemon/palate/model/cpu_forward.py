@@ -32,7 +32,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CpuEngine", "cpu_engine_unsupported", "default_threads", "set_numpy_blas_threads"]
+__all__ = [
+    "PARITY_TOLERANCE",
+    "CpuEngine",
+    "cpu_engine_unsupported",
+    "default_threads",
+    "parity_error",
+    "set_numpy_blas_threads",
+]
+
+#: Largest relative difference between the numpy and the MLX rewards of the parity batch
+#: that passes (float32 rounding over a few blocks is ~1e-6; a missing bias or a wrong RoPE
+#: style is > 1e-2).
+PARITY_TOLERANCE = 1e-3
 
 _NEG = np.float32(-1e30)
 _THREAD_SETTERS = (
@@ -183,6 +195,12 @@ class _Block:
     wg: np.ndarray
     wu: np.ndarray
     wd: np.ndarray
+    # o_proj / MLP biases: llama checkpoints with attention_bias or mlp_bias have them, and
+    # dropping them computes another function (issue 13).
+    bo: np.ndarray | None
+    bg: np.ndarray | None
+    bu: np.ndarray | None
+    bd: np.ndarray | None
     ln1: np.ndarray
     eps1: float
     ln2: np.ndarray
@@ -194,6 +212,10 @@ def _block(layer: Any) -> _Block:
     wq, bq = _linear_weight(a.q_proj)
     wk, bk = _linear_weight(a.k_proj)
     wv, bv = _linear_weight(a.v_proj)
+    wo, bo = _linear_weight(a.o_proj)
+    wg, bg = _linear_weight(m.gate_proj)
+    wu, bu = _linear_weight(m.up_proj)
+    wd, bd = _linear_weight(m.down_proj)
     return _Block(
         wq=wq,
         wk=wk,
@@ -201,10 +223,14 @@ def _block(layer: Any) -> _Block:
         bq=bq,
         bk=bk,
         bv=bv,
-        wo=_linear_weight(a.o_proj)[0],
-        wg=_linear_weight(m.gate_proj)[0],
-        wu=_linear_weight(m.up_proj)[0],
-        wd=_linear_weight(m.down_proj)[0],
+        wo=wo,
+        wg=wg,
+        wu=wu,
+        wd=wd,
+        bo=bo,
+        bg=bg,
+        bu=bu,
+        bd=bd,
         ln1=_np(layer.input_layernorm.weight),
         eps1=float(layer.input_layernorm.eps),
         ln2=_np(layer.post_attention_layernorm.weight),
@@ -328,14 +354,14 @@ class CpuEngine:
 
     def _mlp(self, b: _Block, h: np.ndarray) -> np.ndarray:
         x = _rms(h, b.ln2, b.eps2)
-        g = _gemm(x, b.wg)
-        u = _gemm(x, b.wu)
+        g = _gemm(x, b.wg, b.bg)
+        u = _gemm(x, b.wu, b.bu)
         t = np.negative(g)
         np.exp(t, out=t)
         t += 1.0
         np.divide(g, t, out=g)  # silu(g) = g * sigmoid(g)
         g *= u
-        out: np.ndarray = h + _gemm(g, b.wd)
+        out: np.ndarray = h + _gemm(g, b.wd, b.bd)
         return out
 
     # -- forward ------------------------------------------------------------------------
@@ -421,8 +447,8 @@ class CpuEngine:
             keys_t, values = _response_kv(kp_t, vp_t, kr, vr, group)
             op = self._attend(qp, kp_t, vp_t, mask_p)
             orr = self._attend(qr, keys_t, values, mask_r)
-            hp = self._mlp(b, hp + _gemm(op, b.wo))
-            hr = self._mlp(b, hr + _gemm(orr, b.wo))
+            hp = self._mlp(b, hp + _gemm(op, b.wo, b.bo))
+            hr = self._mlp(b, hr + _gemm(orr, b.wo, b.bo))
         return hp, hr
 
     def _last(
@@ -451,7 +477,7 @@ class CpuEngine:
         keys_t, values = _response_kv(kp_t, vp_t, kr, vr, group)
         row_mask = mask_r[rows, :, :, last][:, :, :, None]  # (S, 1, 1, 1, Lk)
         o = self._attend(q, keys_t, values, row_mask)
-        h = self._mlp(b, h_last + _gemm(o, b.wo))[:, 0]  # (S, D)
+        h = self._mlp(b, h_last + _gemm(o, b.wo, b.bo))[:, 0]  # (S, D)
         out: np.ndarray = _rms(h, self.norm_w, self.norm_eps) @ self.head_w + self.head_b
         return (out[:, 0] if out.shape[1] == 1 else out).astype(np.float32)  # (S,) or (S, K)
 
@@ -459,6 +485,44 @@ class CpuEngine:
         """Drop the weight snapshot (the worker threads are shared and stay)."""
         self.blocks = []
         self._pool = None
+
+
+def parity_error(model: Any, engine: CpuEngine) -> float:
+    """Max |numpy - MLX| / (1 + max |MLX|) over the rewards of a short fixed batch.
+
+    Two prompts (8 and 5 tokens) and three responses (5, 3 and 4 tokens), deterministic
+    token ids: every path the engine has (grouped prompts, padding, the pooled last block)
+    runs once. MLX runs in eval mode (no LoRA dropout), restored afterwards.
+    """
+    import mlx.core as mx
+
+    vocab = int(model.embed_tokens.weight.shape[0])
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, (2, 8)).astype(np.int32)
+    response = rng.integers(0, vocab, (3, 5)).astype(np.int32)
+    plen = np.array([8, 5], dtype=np.int32)
+    rlen = np.array([5, 3, 4], dtype=np.int32)
+    group = np.array([0, 0, 1], dtype=np.int32)
+    was_training = bool(model.training)
+    model.eval()
+    try:
+        ref = np.array(
+            model.forward_groups(
+                mx.array(prompt),
+                mx.array(plen),
+                mx.array(response),
+                mx.array(rlen),
+                mx.array(group),
+            ),
+            dtype=np.float64,
+        )
+    finally:
+        if was_training:
+            model.train()
+    got = np.asarray(engine.forward_groups(prompt, plen, response, rlen, group), np.float64)
+    if got.shape != ref.shape or not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.abs(got - ref).max() / (1.0 + np.abs(ref).max()))
 
 
 def _response_kv(

@@ -13,6 +13,7 @@ so thresholds mean the same across retrains.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -36,7 +37,13 @@ from palate.model.batching import (
     collate,
     split_batch,
 )
-from palate.model.cpu_forward import CpuEngine, cpu_engine_unsupported, default_threads
+from palate.model.cpu_forward import (
+    PARITY_TOLERANCE,
+    CpuEngine,
+    cpu_engine_unsupported,
+    default_threads,
+    parity_error,
+)
 from palate.model.ensemble import member_stats
 from palate.model.reward_model import (
     Messages,
@@ -51,6 +58,7 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "batch_arrays",
+    "engine_parity",
     "group_rewards",
     "make_streams",
     "use_cpu_engine",
@@ -104,13 +112,46 @@ def batch_arrays(b: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.a
 
 def use_cpu_engine(model: RewardModel, wanted: bool = True) -> bool:
     """Whether gradient-free passes of ``model`` should run on :class:`CpuEngine`: on the
-    CPU device, for architectures it implements (see palate.model.cpu_forward)."""
+    CPU device, for architectures it implements (see palate.model.cpu_forward), and only
+    once the engine has computed what MLX computes on this base (:func:`engine_parity`)."""
     return (
         wanted
         and os.environ.get("PALATE_CPU_FORWARD", "1") != "0"
         and mx.default_device() == mx.cpu
         and cpu_engine_unsupported(model) is None
+        and engine_parity(model) is None
     )
+
+
+_parity: dict[tuple[int, int, int], str | None] = {}
+log = logging.getLogger("palate.model")
+
+
+def engine_parity(model: RewardModel) -> str | None:
+    """None when the numpy engine matches MLX on ``model``'s base, else why not.
+
+    The engine reimplements the blocks; a base whose blocks hold something it does not
+    (a bias it drops, another RoPE) would score silently wrong. So before the first engine
+    of a base is used, a short batch runs through both (:func:`parity_error`); on a
+    mismatch every pass of that base stays on MLX (slower, right) and the reason is logged.
+    Checked once per base and LoRA placement in a process, on the model first asked about.
+    """
+    key = (id(model.embed_tokens.weight), int(model.num_layers), int(model.split))
+    if key not in _parity:
+        engine = CpuEngine(model, threads=1)
+        try:
+            err = parity_error(model, engine)
+        finally:
+            engine.close()
+        reason = None
+        if not err <= PARITY_TOLERANCE:
+            reason = (
+                f"numpy forward differs from MLX by {err:.3g} (relative; at most "
+                f"{PARITY_TOLERANCE:g} allowed): scoring and caching stay on MLX"
+            )
+            log.warning("%s", reason)
+        _parity[key] = reason
+    return _parity[key]
 
 
 def group_rewards(
