@@ -111,7 +111,7 @@ def _lora(kw: dict[str, Any]) -> Any:
 
 
 def _spec(kw: dict[str, Any]) -> str:
-    from palate.federation.local import model_spec
+    from palate.model.local_update import model_spec
 
     return model_spec(kw["base_model"], _lora(kw))
 
@@ -136,8 +136,8 @@ def _plan(kw: dict[str, Any], federation: str, clients: int, secagg: bool) -> An
 
 
 def _trainer(kw: dict[str, Any]) -> Any:
-    from palate.federation.local import LocalTrainer
     from palate.model.base_model import load_base_model
+    from palate.model.local_update import LocalTrainer
 
     base = load_base_model(kw["base_model"])
     return LocalTrainer(base, _lora(kw), max_tokens=kw["max_tokens"])

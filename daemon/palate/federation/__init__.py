@@ -5,8 +5,8 @@ event stays on its own machine: each client trains LoRA/head weights locally, an
 that update — clipped in L2 norm, noised by the Flower DP strategy wrapper, and (where the
 deployment supports it) masked by SecAgg+ — is sent. Nothing else crosses the wire.
 
-- :mod:`.local` trains and evaluates the LoRA/head weights of one client (through
-  :mod:`palate.model`), keeping the frozen base's activations between rounds;
+- :mod:`palate.model.local_update` (in the model, the only subpackage that imports MLX)
+  trains and evaluates one client's LoRA/head weights as plain arrays;
 - :mod:`.accounting` turns rounds joined into epsilon at a fixed delta (Flower's RDP
   accountant over Google's dp-accounting) and keeps the per-user budget;
 - :mod:`.apps` builds the Flower ClientApp (DP clipping mods, SecAgg+) and the server

@@ -428,9 +428,12 @@ def build_server_app(
                 raise ValueError("SecAgg+ needs at least 3 clients")
             # Every client shares its keys with all the others (small teams); a round
             # survives as long as two thirds of them answer.
+            # Every weight is 1 (uniform averaging), so ``max_weight=1``: Flower's default of
+            # 1000 scales each vector by 1/1000 before quantizing and loses ~30% of an update.
             fit_workflow = SecAggPlusWorkflow(
                 num_shares=plan.clients,
                 reconstruction_threshold=max(2, -(-2 * plan.clients // 3)),
+                max_weight=1.0,
             )
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         if on_done is not None:

@@ -39,11 +39,11 @@ from palate.federation.apps import (
     build_server_app,
     build_strategy,
 )
-from palate.federation.local import LocalData, LocalTrainer
 from palate.federation.loopback import LoopbackGrid, WireLog
 from palate.model.batching import PairExample
+from palate.model.local_update import LocalData, LocalTrainer
 
-__all__ = ["SimulationResult", "load_pairs", "run_simulation", "shard_pairs"]
+__all__ = ["SimulationResult", "load_pairs", "prepare_clients", "run_simulation", "shard_pairs"]
 
 SHARD_BY = ("topic", "length")
 HELDOUT_SALT = "palate-federate-heldout:"
@@ -183,6 +183,18 @@ def _heldout(shard: Sequence[PairExample], fraction: float) -> tuple[list[Any], 
     return train, held
 
 
+def prepare_clients(
+    shards: Sequence[Sequence[PairExample]], trainer: LocalTrainer, heldout_fraction: float = 0.2
+) -> list[tuple[LocalData, LocalData]]:
+    """Each client's (train, held-out) data, tokenized, frozen blocks run once: reusable
+    across simulations of the same shards (``run_simulation(prepared=...)``)."""
+    out = []
+    for shard in shards:
+        tr, he = _heldout(shard, heldout_fraction)
+        out.append((trainer.prepare(tr), trainer.prepare(he)))
+    return out
+
+
 @dataclass
 class SimulationResult:
     rounds: int
@@ -199,6 +211,8 @@ class SimulationResult:
     per_client: list[dict[str, Any]]
     noise: list[dict[str, float]]
     config: dict[str, Any] = field(default_factory=dict)
+    #: The final shared LoRA/head weights (not in the JSON).
+    arrays: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -229,6 +243,7 @@ def run_simulation(
     wire: WireLog | None = None,
     fail: Callable[[int, int], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    prepared: Sequence[tuple[LocalData, LocalData]] | None = None,
 ) -> SimulationResult:
     """Run ``plan.rounds`` federated rounds over ``shards`` (one per client) and compare.
 
@@ -238,13 +253,11 @@ def run_simulation(
     n = len(shards)
     plan = replace(plan, clients=n)
     initial = trainer.get_arrays()
-    say(f"preparing {n} clients (tokenizing, frozen blocks once per client)")
-    train: list[LocalData] = []
-    held: list[LocalData] = []
-    for shard in shards:
-        tr, he = _heldout(shard, heldout_fraction)
-        train.append(trainer.prepare(tr))
-        held.append(trainer.prepare(he))
+    if prepared is None:
+        say(f"preparing {n} clients (tokenizing, frozen blocks once per client)")
+        prepared = prepare_clients(shards, trainer, heldout_fraction)
+    train = [tr for tr, _ in prepared]
+    held = [he for _, he in prepared]
     ledgers = [MemoryLedger() for _ in range(n)]
     budget = Budget(epsilon=epsilon_budget, delta=plan.delta)
 
@@ -328,6 +341,7 @@ def run_simulation(
             "secagg": plan.secagg,
             "trainable_parameters": int(sum(a.size for a in initial)),
         },
+        arrays=[np.asarray(a) for a in arrays],
     )
 
 

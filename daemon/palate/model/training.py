@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -74,7 +74,9 @@ __all__ = [
     "ProgressEvent",
     "TrainConfig",
     "TrainResult",
+    "federation_spec",
     "length_balance_weights",
+    "load_trainable_state",
     "train_reward_model",
 ]
 
@@ -457,18 +459,52 @@ def _summary(
     }
 
 
+def federation_spec(base_model: str, lora: LoraConfig) -> str:
+    """What the parties of a federation share (palate.federation): the base model and the
+    adapter's shape. A shared adapter with this spec can start a run of the same config."""
+    return f"{base_model}|rank={lora.rank}|alpha={lora.alpha:g}|layers={lora.layers}"
+
+
+def load_trainable_state(model: RewardModel, state: Mapping[str, np.ndarray]) -> list[str]:
+    """Start ``model`` from LoRA/head weights (a federated adapter); returns what was loaded.
+
+    Every LoRA tensor must be there with its shape (ValueError otherwise). A one-member head
+    starts member 0 of an ensemble's heads; the other members keep their own random init.
+    """
+    current = model.trainable_state()
+    updates: list[tuple[str, mx.array]] = []
+    for key, value in current.items():
+        if key not in state:
+            raise ValueError(f"the starting weights have no {key}")
+        new = np.asarray(state[key], dtype=np.float32)
+        if tuple(new.shape) != tuple(value.shape):
+            if key.startswith("head.") and new.shape[0] == 1 and new.shape[1:] == value.shape[1:]:
+                merged = np.array(value, dtype=np.float32)
+                merged[0] = new[0]
+                new = merged
+            else:
+                raise ValueError(f"{key}: starting weights {new.shape}, model {value.shape}")
+        updates.append((key, mx.array(new)))
+    model.update(tree_unflatten(updates))
+    mx.eval(model.trainable_parameters())
+    return [k for k, _ in updates]
+
+
 def train_reward_model(
     examples: Sequence[Example],
     config: TrainConfig | None = None,
     progress: ProgressFn | None = None,
     base: Any | None = None,
     prefix: Prefix | None = None,
+    init_state: Mapping[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train a reward model on in-memory examples and calibrate it.
 
     ``base`` is a loaded :class:`palate.model.base_model.BaseModel` (loaded from
     ``config.base_model`` when None). Raises ValueError on an empty or unusable dataset.
-    The model returned has the best validation-loss weights loaded.
+    The model returned has the best validation-loss weights loaded. ``init_state`` starts
+    the LoRA/head weights from given values (:func:`load_trainable_state`) instead of the
+    seeded initialisation.
     """
     config = config or TrainConfig()
     emit = progress or (lambda e: None)
@@ -496,6 +532,8 @@ def train_reward_model(
     )
 
     model = RewardModel(base.model, config.lora(), seed=config.seed, members=config.members)
+    if init_state is not None:
+        load_trainable_state(model, init_state)
     hidden: Hidden | None = None
     start = 0
     t_cache = time.monotonic()

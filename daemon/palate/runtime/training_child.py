@@ -210,6 +210,27 @@ def train_config(cfg: Config) -> TrainConfig:
     return tc
 
 
+def federated_start(store: Store, tc: TrainConfig) -> tuple[Any, str | None]:
+    """The shared adapter of a federation this user joined (``palate federate join``), as
+    the starting weights of this run when it was trained for the same base and LoRA shape;
+    else (None, None). The gate judges the result like any other candidate."""
+    import io
+
+    import numpy as np
+
+    from palate.model.training import federation_spec
+
+    found = store.federated_adapter()
+    if found is None:
+        return None, None
+    meta, blob = found
+    if meta.get("spec") != federation_spec(tc.base_model, tc.lora()):
+        return None, None
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        state = {k: z[k] for k in z.files}
+    return state, f"federated:{meta.get('federation')}@{meta.get('round')}"
+
+
 def parent_alive() -> bool:
     """False when the daemon that started this run has died (the run was re-parented).
 
@@ -264,7 +285,8 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
             prefix_cache=tc.prefix_cache and base.num_layers - tc.lora_layers > 0,
         )
     )
-    result = train_reward_model(split.train, tc, on_progress, base=base)
+    init_state, init_from = federated_start(store, tc)
+    result = train_reward_model(split.train, tc, on_progress, base=base, init_state=init_state)
 
     judged = 0
     to_judge = len(held_pairs) * compared
@@ -327,6 +349,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
             "history": result.history,
             "truncation": result.truncation.to_json(),
             "config": tc.to_json(),
+            "init": init_from or "seed",
             "metrics": result.metrics,
             "seconds": round(time.time() - t0, 1),
         },

@@ -1,4 +1,7 @@
-"""One client's local training: LoRA/head weights in, LoRA/head weights out.
+"""One client's local training for federated rounds: LoRA/head weights in, weights out.
+
+:mod:`palate.federation` moves these weights through Flower as plain numpy arrays; this
+module is where they meet MLX (the federation never imports it directly).
 
 The federated parameters are exactly the reward model's trainable tensors (LoRA matrices
 on the top blocks and the scalar head), in sorted-name order, as float32 arrays. The frozen
@@ -40,14 +43,14 @@ from palate.model.scoring import (  # noqa: E402
     make_streams,
     use_cpu_engine,
 )
-from palate.model.training import build_prefix_cache  # noqa: E402
+from palate.model.training import build_prefix_cache, federation_spec  # noqa: E402
 
 __all__ = ["LocalData", "LocalTrainer", "model_spec"]
 
 
 def model_spec(base_model: str, lora: LoraConfig) -> str:
     """What every party of one federation must share: the base and the adapter's shape."""
-    return f"{base_model}|rank={lora.rank}|alpha={lora.alpha:g}|layers={lora.layers}"
+    return federation_spec(base_model, lora)
 
 
 @dataclass
