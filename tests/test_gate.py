@@ -332,11 +332,14 @@ def test_policy_documents_every_knob() -> None:
 
 
 def test_zero_minimum_judges_what_little_there_is() -> None:
-    """min_heldout_pairs=0: no pairs is still nothing to judge (hold), one right pair is
-    judged by every rule (and 100% on one pair is implausible: hold, not deploy)."""
+    """min_heldout_pairs=0 means "never hold for lack of data": with no pairs only the
+    probes decide; one right pair is judged by every rule (and fails above-chance)."""
     none = decide(evaluate([]), None, GatePolicy(min_heldout_pairs=0))
-    assert none.action == "hold" and check(none, "enough_data").status == "fail"
-    assert {c.name for c in none.checks} == {"enough_data", "probes"}
+    assert none.action == "hold" and check(none, "enough_data").status == "pass"
+    assert {c.name for c in none.checks} == {"enough_data", "probes"}  # no probes: hold
+    probed = decide(evaluate([], probes=PROBES), None, GatePolicy(min_heldout_pairs=0))
+    assert probed.action == "deploy"
+    assert {c.name for c in probed.checks} == {"enough_data", "probe_floor"}
     one = decide(
         evaluate([PairRecord(1.0, 0.0, 1, 2, pair_id="a")], probes=PROBES),
         None,

@@ -3,7 +3,7 @@
 Issue 13: the old fixed non-inferiority bound rejected an equal retrain on 64-90% of nights.
 At 200 held-out pairs and 15% disagreement the gate must deploy an equal model on >= 80% of
 simulated nights, reject one 5 points worse on >= 90% and deploy one 5 points better on
->= 90%. 300 nights per case keep the binomial error near 2 points; the measured rates
+>= 90%. 200 nights per case keep the binomial error near 2.5 points; the measured rates
 (docs/evaluation.md) are about 87% / 96% / 100%, so a pass is not luck and a regression of
 the rule by a few points fails.
 """
@@ -17,7 +17,7 @@ import pytest
 from gate_oc import operating_characteristic
 from palate.evaluation.gate import GatePolicy, decide
 
-NIGHTS = 300
+NIGHTS = 200
 
 
 @pytest.mark.parametrize(
@@ -41,5 +41,5 @@ def test_the_old_fixed_bound_fails_the_same_simulation() -> None:
             return "reject"
         return decide(cand, dep, GatePolicy()).action
 
-    oc = operating_characteristic(200, 0.15, 0.0, 100, seed=1, rule=old_rule)
+    oc = operating_characteristic(200, 0.15, 0.0, 60, seed=1, rule=old_rule)
     assert oc["deploy"] < 0.5, oc

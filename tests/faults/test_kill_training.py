@@ -42,6 +42,7 @@ PERMISSIVE_GATE = (
     "baseline_margin = -1.0\noverall_regression_tolerance = 1.0\n"
     "slice_regression_tolerance = 1.0\nmax_jump = 1.0\nsuspicious_accuracy = 1.01\n"
     "max_length_gap = 1.0\nmax_length_spearman = 1.0\nprobe_floor = 0.0\nprobe_max_drop = 1.0\n"
+    "logloss_regression_tolerance = 100.0\nrating_regression_tolerance = 1.0\n"
 )
 KILLS_AROUND_DEPLOY = 5
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]

@@ -671,7 +671,7 @@ def decide(
     status = heldout_status(n, p.min_heldout_pairs)
     pairs_judged = status.enough and n > 0
     ratings_judged, r_msg = _ratings_enough(candidate, p)
-    enough = pairs_judged or ratings_judged
+    enough = status.enough or ratings_judged  # min_heldout_pairs = 0: never hold for data
     message = status.message
     if candidate.get("n_ratings") or not status.enough:
         message += " " + r_msg
@@ -689,7 +689,7 @@ def decide(
         checks += _accuracy_checks(candidate, p)
     if ratings_judged:
         checks += _rating_checks(candidate, p)
-    if enough:
+    if pairs_judged or ratings_judged:
         if pairs_judged:
             checks += [c for c in _length_checks(candidate, p) if c.name == "length_gap"]
         checks += [c for c in _length_checks(candidate, p) if c.name == "length_correlation"]
