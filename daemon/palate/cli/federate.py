@@ -188,8 +188,11 @@ def federate() -> None:
 def simulate(as_json: bool, **kw: Any) -> None:
     """Run Flower rounds on this machine over non-IID shards of --data (no Ray needed)."""
     _need_flower()
+    import logging
+
     from palate.federation.simulate import load_pairs, run_simulation, shard_pairs
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round INFO lines: not here
     rows = load_pairs(kw["data_file"])
     shards = shard_pairs(rows, kw["clients"], kw["pairs_per_client"], kw["shard_by"], kw["seed"])
     plan = _plan(kw, "simulation", kw["clients"], kw["secagg"] and kw["clients"] >= 3)

@@ -361,6 +361,10 @@ class TolerantAdaptiveClipping(_Tolerant, DifferentialPrivacyClientSideAdaptiveC
         return self._noised(server_round, list(results), list(failures), adaptive=True)
 
 
+def _no_metrics(_metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    return {}
+
+
 def build_strategy(
     plan: FederationPlan, initial_arrays: Sequence[np.ndarray] | None = None
 ) -> TolerantFixedClipping | TolerantAdaptiveClipping:
@@ -384,6 +388,9 @@ def build_strategy(
         "on_fit_config_fn": plan.fit_config,
         "on_evaluate_config_fn": plan.eval_config,
         "accept_failures": True,
+        # Clients send no metrics (nothing about their data): nothing to aggregate.
+        "fit_metrics_aggregation_fn": _no_metrics,
+        "evaluate_metrics_aggregation_fn": _no_metrics,
         "initial_parameters": (
             ndarrays_to_parameters(list(initial_arrays)) if initial_arrays is not None else None
         ),
