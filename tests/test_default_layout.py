@@ -22,6 +22,11 @@ from palate.paths import resolve
 from palate.runtime.supervisor import Supervisor
 
 ORIGIN = f"chrome-extension://{DEFAULT_CHROME_ID}/"
+INGEST = {
+    "id": 2,
+    "method": "ingest",
+    "params": {"event": {"kind": "rating", "prompt": "q", "response": "a", "label": 1}},
+}
 
 
 def frame(obj: dict[str, Any]) -> bytes:
@@ -105,15 +110,7 @@ def test_default_layout_adapters_browser_and_doctor(tmp_path: Path) -> None:
         launcher = Path(json.loads(r.stdout)["launcher"])
         host = subprocess.run(
             [str(launcher), ORIGIN],
-            input=frame({"id": 1, "method": "hello"})
-            + frame(
-                {
-                    "id": 2,
-                    "method": "ingest",
-                    "params": {"event": {"kind": "rating", "prompt": "q", "response": "a",
-                                         "label": 1}},
-                }
-            ),  # fmt: skip
+            input=frame({"id": 1, "method": "hello"}) + frame(INGEST),
             capture_output=True,
             env=browser_env(env),
             timeout=60,

@@ -618,3 +618,30 @@ def test_a_scheduler_from_before_since_existed_keeps_catching_up(world: World) -
         assert len(world.jobs.started) == 1
 
     run(main())
+
+
+def test_a_clock_file_drives_a_real_daemons_schedule(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """PALATE_CLOCK_FILE: how tests/test_month_e2e.py gives a real daemon simulated nights."""
+    import time as _time
+
+    from palate.runtime.scheduler import (
+        CHECK_EVERY_ENV,
+        CHECK_EVERY_S,
+        CLOCK_FILE_ENV,
+        FileClock,
+        SystemClock,
+        check_every_from_env,
+        clock_from_env,
+    )
+
+    path = tmp_path / "clock"
+    clock = FileClock(str(path))
+    assert abs(clock.time() - _time.time()) < 5  # unreadable: the system's time
+    path.write_text("1700000000.5\n")
+    assert clock.time() == 1700000000.5
+    monkeypatch.delenv(CLOCK_FILE_ENV, raising=False)
+    monkeypatch.delenv(CHECK_EVERY_ENV, raising=False)
+    assert isinstance(clock_from_env(), SystemClock) and check_every_from_env() == CHECK_EVERY_S
+    monkeypatch.setenv(CLOCK_FILE_ENV, str(path))
+    monkeypatch.setenv(CHECK_EVERY_ENV, "0.5")
+    assert clock_from_env().time() == 1700000000.5 and check_every_from_env() == 0.5

@@ -109,8 +109,10 @@ def test_real_tokenizer_keeps_the_code_at_the_cursor_and_the_chat_markup() -> No
     _, (long_r,) = encode_prompt_responses(tok, prompt, [_python_file(60, "answer")])
     _, (cut_r,), t2 = truncate_group(p, [long_r], budget)
     assert t2.response_tokens_cut > 0
-    assert tok.convert_ids_to_tokens(cut_r[-1]) == "<|im_end|>" == tok.convert_ids_to_tokens(
-        long_r[-1]
+    assert (
+        tok.convert_ids_to_tokens(cut_r[-1])
+        == "<|im_end|>"
+        == tok.convert_ids_to_tokens(long_r[-1])
     )
 
     # A long transcript keeps its header, its latest turns and the generation prompt.

@@ -83,6 +83,57 @@ class SystemClock:
         return time.monotonic()
 
 
+#: The scheduler's wall clock read from this file (Unix seconds as text) instead of the
+#: system's: how tests and bench/month.py give a real daemon simulated nights. Never set in use.
+CLOCK_FILE_ENV = "PALATE_CLOCK_FILE"
+#: Seconds between periodic due-checks (default CHECK_EVERY_S); simulated nights pass faster.
+CHECK_EVERY_ENV = "PALATE_SCHEDULE_CHECK_S"
+
+
+class FileClock:
+    """Wall time from a file (see :data:`CLOCK_FILE_ENV`); the system's while it is unreadable.
+
+    The monotonic clock stays real, so a write that moves the time forward is seen as a wall
+    clock jump, as a wake from sleep would be.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._real = SystemClock()
+
+    def time(self) -> float:
+        try:
+            with open(self.path, encoding="ascii") as fh:
+                return float(fh.read().strip())
+        except (OSError, ValueError):
+            return self._real.time()
+
+    def monotonic(self) -> float:
+        return self._real.monotonic()
+
+
+def clock_from_env() -> Clock:
+    """:class:`FileClock` when ``PALATE_CLOCK_FILE`` is set, else the system clock."""
+    import os
+
+    path = os.environ.get(CLOCK_FILE_ENV)
+    if path:
+        log.warning("the schedule runs on the clock in %s (%s), not the system's", path,
+                    CLOCK_FILE_ENV)  # fmt: skip
+        return FileClock(path)
+    return SystemClock()
+
+
+def check_every_from_env() -> float:
+    import os
+
+    raw = os.environ.get(CHECK_EVERY_ENV)
+    try:
+        return max(0.05, float(raw)) if raw else CHECK_EVERY_S
+    except ValueError:
+        return CHECK_EVERY_S
+
+
 class State(Protocol):
     """The store meta and event watermark, as seen by the scheduler."""
 
@@ -243,16 +294,16 @@ class Scheduler:
         clock: Clock | None = None,
         probes: PowerProbes | None = None,
         tz: tzinfo | None = None,
-        check_every_s: float = CHECK_EVERY_S,
+        check_every_s: float | None = None,
     ) -> None:
         parse_hhmm(config.time)  # fail at construction, not at 03:00
         self.config = config
         self.jobs = jobs
         self.state = state
-        self.clock: Clock = clock or SystemClock()
+        self.clock: Clock = clock or clock_from_env()
         self.probes: PowerProbes = probes or Probes()
         self.tz = tz
-        self.check_every_s = check_every_s
+        self.check_every_s = check_every_from_env() if check_every_s is None else check_every_s
         self.last_tick: TickResult | None = None
         self.clock_jumps = 0
         self._lock = asyncio.Lock()
