@@ -18,6 +18,10 @@ Printed per variant: accuracy, selective accuracy at 50% coverage (the most conf
 confidence = the members' lower bound of the margin), ECE, training time and its ratio to
 single, accuracy per minute of training.
 
+``--step-ratio``: the cost of one optimizer step of K heads vs one head on the same cached
+batch (forward, loss, backward and AdamW update of the top blocks), interleaved repeats,
+median: the per-step training cost ratio without the noise of whole runs on a loaded machine.
+
 ``--active-learning``: a pool of unlabelled training pairs; start from ``--seed-labels``
 random labels, then ``--rounds`` times reveal ``--batch`` more labels (from the file) chosen
 by the ensemble's disagreement (BALD information, model/ensemble.py) or at random, retrain,
@@ -85,6 +89,8 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=1536)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--active-learning", action="store_true")
+    ap.add_argument("--step-ratio", action="store_true")
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed-labels", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
@@ -113,6 +119,9 @@ def main() -> int:
         flush=True,
     )
     base = load_base_model(config.base_model)
+    if args.step_ratio:
+        print(json.dumps(step_ratio(base, pool[:24], config, args.members, args.repeats)))
+        return 0
     t0 = time.monotonic()
     single = train_reward_model(pool, config, base=base)
     single_s = time.monotonic() - t0
@@ -204,6 +213,73 @@ def main() -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def step_ratio(
+    base: Any, pairs: list[PairExample], config: TrainConfig, members: int, repeats: int
+) -> dict[str, Any]:
+    """Median seconds of one training step with 1 head and with ``members`` heads on one
+    cached batch, measured interleaved (A B A B ...) so load drifts hit both alike."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from palate.model.batching import collate
+    from palate.model.ensemble import bootstrap_weights
+    from palate.model.losses import ensemble_loss, preference_loss
+    from palate.model.reward_model import RewardModel
+    from palate.model.scoring import batch_arrays
+
+    groups, _ = encode_examples(pairs, base.tokenizer, config.max_tokens)
+    index = list(range(len(groups)))
+    models = {k: RewardModel(base.model, config.lora(), members=k) for k in (1, members)}
+    engine = CpuEngine(models[1], threads=default_threads())
+    hidden = training.build_prefix_cache(models[1], groups, 1 << 20, make_streams(1), engine=engine)
+    engine.close()
+    batch = collate(groups, index, hidden)
+    arrays = batch_arrays(batch)
+    boot = bootstrap_weights(len(groups), members, 0)
+    n = float(len(groups))
+
+    def step_fn(k: int) -> Any:
+        model = models[k]
+        li = training._loss_inputs(batch, groups, index, boot if k > 1 else None)
+        opt = optim.AdamW(learning_rate=1e-4)
+
+        def loss(m: Any) -> mx.array:
+            r = m.forward_groups(*arrays, start=m.split)
+            if r.ndim == 2:
+                return ensemble_loss(r, li, 0.0, 0.01, n, 2 * n).loss
+            return preference_loss(r, li, 0.0, 0.01, n, 2 * n).loss
+
+        grad = nn.value_and_grad(model, loss)
+
+        def run() -> None:
+            _, g = grad(model)
+            opt.update(model, g)
+            mx.eval(model.trainable_parameters(), opt.state)
+
+        return run
+
+    steps = {k: step_fn(k) for k in models}
+    times: dict[int, list[float]] = {k: [] for k in models}
+    for k in models:  # warm-up
+        steps[k]()
+    for _ in range(repeats):
+        for k in models:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "pairs_per_batch": len(groups),
+        "tokens": int(batch.tokens),
+        "step_s_single": round(med[1], 4),
+        f"step_s_heads_x{members}": round(med[members], 4),
+        "ratio": round(med[members] / med[1], 3),
+        "repeats": repeats,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def active_learning(
