@@ -89,7 +89,7 @@ def test_next_edit_outcomes_become_pairs() -> None:
     took, left = events
     assert took["id"] == "continue:ne:ne-0001"
     assert (took["chosen"], took["rejected"]) == ("    return math.pi * r * r\n", "    return \n")
-    assert took["prompt"] == "import math\n\ndef area(r: float) -> float:\n    return " + CURSOR + "\n"
+    assert took["prompt"] == f"import math\n\ndef area(r: float) -> float:\n    return {CURSOR}\n"
     # Shown and not taken, over a blank original (no text to prefer): a -1 rating at half
     # weight. Instinct's cursor marker becomes the editor prompt's.
     assert (left["response"], left["label"]) == ("    return 2 * r\n", -1)

@@ -137,8 +137,8 @@ def test_editor_contexts_are_keyed_on_file_and_region() -> None:
 
 
 def test_conversation_reaches_examples_and_the_training_validation_split() -> None:
-    from palate.events import to_examples, validate_event
     from palate.evaluation.split import example_key
+    from palate.events import to_examples, validate_event
     from palate.model.training import VAL_SALT, _split
 
     events = [

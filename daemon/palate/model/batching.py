@@ -93,8 +93,8 @@ def encode_examples(
             responses = [ex.response]
         else:
             raise TypeError(f"example {n}: expected PairExample or RatingExample, got {ex!r}")
-        p_ids, r_ids = encode_prompt_responses(tokenizer, ex.prompt, responses)
-        p_ids, r_ids, trunc = truncate_group(p_ids, r_ids, max_tokens)
+        full_prompt, full_responses = encode_prompt_responses(tokenizer, ex.prompt, responses)
+        p_ids, r_ids, trunc = truncate_group(full_prompt, full_responses, max_tokens)
         stats.add(trunc)
         group = EncodedGroup(
             prompt=np.asarray(p_ids, dtype=np.int32),
