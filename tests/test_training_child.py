@@ -70,6 +70,12 @@ def score(d: DaemonProc) -> dict[str, Any]:
     return r
 
 
+def review(d: DaemonProc) -> list[dict[str, Any]]:
+    with d.client() as c:
+        items: list[dict[str, Any]] = c.review_list()["items"]
+    return items
+
+
 def training(d: DaemonProc) -> dict[str, Any]:
     with d.client() as c:
         t: dict[str, Any] = c.status()["training"]
@@ -86,6 +92,9 @@ def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
         first = c.train(wait=True)["job"]
         assert first["outcome"] == "done", first
         v1 = first["result"]["version"]
+        # queued before any model could score it ...
+        early = c.call("review_add", {"prompt": "say hi", "candidates": ["hi there", "no"]})
+        assert early["queued"] and c.review_list()["items"][0]["info"] is None
         c.call("deploy", {"version": v1, "override": True, "reason": "test baseline"})
         # The run trained and judged an ensemble (issue 16): its own metrics are registered.
         ens = c.call("models", {"version": v1})["model"]["meta"]["metrics"]["ensemble"]
@@ -94,13 +103,20 @@ def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
     before = score(d)
     assert before["version"] == v1
     assert before["members"] == 5 and len(before["uncertainty"]) == 2
+    # ... and re-scored by the deployed ensemble in the background after the deploy
+    rescored = wait_for(
+        lambda: [it for it in review(d) if it["id"] == early["id"] and it["version"] == v1],
+        60,
+        "the queue was not re-scored after the deploy",
+    )
+    assert rescored[0]["info"] is not None and rescored[0]["members"] == 5
     with d.client() as c:  # the review queue, fed by a real ensemble's rerank
         cands = ["a helpful answer", "no", "maybe later"]
         r = c.rerank("explain recursion", cands, remember=True, lower_bound=1.0)
         assert r["ranked_by"] == "lower_bound" and len(r["lower_bounds"]) == 3
         assert r["review_id"] and r["members"] == 5 and min(r["uncertainty"]) > 0
-        (item,) = c.review_list()["items"]
-        assert item["id"] == r["review_id"] and item["version"] == v1 and item["info"] >= 0
+        (item,) = [it for it in c.review_list()["items"] if it["id"] == r["review_id"]]
+        assert item["version"] == v1 and item["info"] >= 0
         assert {item["a"], item["b"]} <= set(cands) and item["members"] == 5
         assert c.review_answer(item["id"], "b")["event"]["id"]
     models_before, deployed_before = registry(d)
