@@ -119,6 +119,12 @@ def test_sigkill_mid_run_leaves_registry_consistent_and_serving(
         assert item["version"] == v1 and item["info"] >= 0
         assert {item["a"], item["b"]} <= set(cands) and item["members"] == 5
         assert c.review_answer(item["id"], "b")["event"]["id"]
+    cand_file = home / "cands.txt"
+    cand_file.write_text("a short answer\nanother answer entirely\n")
+    args = ["--candidates", str(cand_file), "--lower-bound", "1", "--remember"]
+    out = d.cli("rerank", "explain lists", *args)
+    assert out.returncode == 0, out.stderr
+    assert "±" in out.stdout and "queued for review as q-" in out.stdout
     models_before, deployed_before = registry(d)
 
     # a long run this time: the child reads config.toml when it starts

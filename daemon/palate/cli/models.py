@@ -317,9 +317,27 @@ def read_candidates(path: Path) -> list[str]:
     help="File of candidates: JSONL (strings or {text: ...}) or plain lines.",
 )
 @click.option("--top-k", type=click.IntRange(min=1), help="Show only the best K (at least 1).")
+@click.option(
+    "--lower-bound",
+    "lower_bound",
+    type=click.FloatRange(0, 100),
+    help="Rank by score - LAMBDA x uncertainty (the ensemble's members' spread) instead of score.",
+)
+@click.option(
+    "--remember",
+    is_flag=True,
+    help="Queue the pair the model is least sure about for `palate review` (stored encrypted).",
+)
 @json_option
 @handles_errors
-def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> None:
+def rerank(
+    prompt: str,
+    cand_file: Path,
+    top_k: int | None,
+    lower_bound: float | None,
+    remember: bool,
+    as_json: bool,
+) -> None:
     """Order candidate responses to PROMPT by what you prefer (the deployed model decides)."""
     check_prompt(prompt, "PROMPT")
     try:
@@ -328,7 +346,10 @@ def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> No
         raise click.BadParameter(e.message, param_hint="'--candidates'") from e
     with Client() as c:
         try:
-            res = c.rerank(prompt, cands, top_k=top_k)
+            opts: dict[str, Any] = {"remember": True} if remember else {}
+            if lower_bound is not None:
+                opts["lower_bound"] = lower_bound
+            res = c.rerank(prompt, cands, top_k=top_k, **opts)
         except PalateError as e:
             raise explain_no_model(c, e) from e
 
@@ -343,9 +364,13 @@ def rerank(prompt: str, cand_file: Path, top_k: int | None, as_json: bool) -> No
             )
         for rank, r in enumerate(d["ranked"], 1):
             text = cands[r["index"]].replace("\n", " ")
+            unc = r.get("uncertainty")
+            spread = f"±{unc:.3f}" if unc else ""
             click.echo(
                 f"{rank:>3}. [{r['index']}] p_best={r['p_best']:.2f} "
-                f"score={r['score']:+.3f}  {text[:80]}"
+                f"score={r['score']:+.3f}{spread}  {text[:80]}"
             )
+        if d.get("review_id"):
+            click.echo(f"queued for review as {d['review_id']} (`palate review list`)")
 
     emit(res, as_json, human)
