@@ -59,6 +59,15 @@ PARAM_TYPES: dict[str, str] = {
     "timeout_ms": "int",
     "a": "str",
     "b": "str",
+    # browsing and the collection pause (the web UI)
+    "kind": "str",
+    "q": "str",
+    "before": "int",
+    "preview": "int",
+    "full": "bool",
+    "days": "int",
+    "tz_offset_s": "int",
+    "for_s": "num",
     # ensembles and the review queue
     "lower_bound": "num",
     "remember": "bool",

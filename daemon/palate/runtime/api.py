@@ -24,7 +24,7 @@ import numpy as np
 
 from palate import API_LEVEL, __version__
 from palate.errors import PalateError
-from palate.events import MAX_BATCH, validate_event
+from palate.events import MAX_BATCH, MAX_TEXT_CHARS, validate_event
 from palate.model.ensemble import (
     Question,
     agreement,
@@ -55,6 +55,14 @@ NOTIFY: contextvars.ContextVar[Callable[[str, Any], None]] = contextvars.Context
     "palate_notify", default=lambda method, params: None
 )
 MAX_CURSOR_BYTES = 64 * 1024
+#: Browsing limits: events per `events_list` page, characters of a search.
+MAX_PAGE_EVENTS = 200
+MAX_QUERY_CHARS = 1000
+DEFAULT_PREVIEW = 200
+#: The longest timed pause (30 days), the ended pause windows kept, and their meta key.
+MAX_PAUSE_S = 30 * 86_400
+PAUSE_WINDOWS = 50
+PAUSE_META = "collection_pause"
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -143,6 +151,33 @@ def _version(params: Mapping[str, Any], *, required: bool = False) -> Any:
     return version
 
 
+def _finite(params: Mapping[str, Any], name: str) -> float | None:
+    value = _param(params, name, (int, float))
+    if value is None:
+        return None
+    if not isinstance(value, float):
+        if not -(2**63) <= value < 2**63:
+            raise PalateError("invalid_request", f"{name} is out of range", {"param": name})
+        value = float(value)
+    if not math.isfinite(value):
+        raise PalateError("invalid_request", f"{name} must be a finite number", {"param": name})
+    return value
+
+
+def _bounded(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = _param(params, name, int)
+    if value is not None and not lo <= value <= hi:
+        raise PalateError(
+            "invalid_request", f"{name} must be in {lo}..{hi}, got {value}", {"param": name}
+        )
+    return value
+
+
+def _recent(windows: list[list[float]], now: float) -> list[list[float]]:
+    """Ended pause windows worth keeping: the last PAUSE_WINDOWS, none older than 90 days."""
+    return [w for w in windows if w[1] > now - 90 * 86_400][-PAUSE_WINDOWS:]
+
+
 def _no_extra(params: Mapping[str, Any], allowed: set[str]) -> None:
     extra = [str(k)[:64] for k in params if k not in allowed]
     if extra:
@@ -181,7 +216,17 @@ class Api:
             "score": self.score,
             "rerank": self.rerank,
             "compare": self.compare,
+            "events_list": self.events_list,
+            "event_get": self.event_get,
+            "events_stats": self.events_stats,
+            "pause": self.pause,
+            "resume": self.resume,
+            "pause_state": self.pause_state,
         }
+        #: Collection pause (docs/protocol.md `pause`): since when, until when (None: until
+        #: resumed), and recent ended windows; kept in the store's meta, so it survives restarts.
+        self._pause: dict[str, Any] | None = None
+        self._pause_windows: list[list[float]] = []
         #: The nightly scheduler; set by the daemon.
         self.scheduler: Scheduler | None = None
         #: The scorer (one MLX thread); set by the daemon.
@@ -330,6 +375,7 @@ class Api:
             },
             "key_backend": key.backend,
             "key": {k: v for k, v in key.to_dict().items() if k != "key_id"},
+            "paused": self.paused(),
             "daemon": {
                 "version": __version__,
                 "api_level": API_LEVEL,
@@ -398,6 +444,120 @@ class Api:
             code = "invalid_request" if e.errno == errno.ENAMETOOLONG else "storage_error"
             raise PalateError(code, f"export to {str(path)[:200]} failed: {e.strerror}") from e
         return {"path": str(path), "count": n}
+
+    # -- browsing (read only) ----------------------------------------------------------
+    async def events_list(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A page of stored events, newest first, filtered and searched (the web UI)."""
+        _no_extra(
+            params,
+            {"source", "kind", "since", "until", "q", "before", "limit", "preview", "full"},
+        )
+        source = _param(params, "source", str)
+        kind = _param(params, "kind", str)
+        since = _finite(params, "since")
+        until = _finite(params, "until")
+        q = _param(params, "q", str)
+        if q is not None and len(q) > MAX_QUERY_CHARS:
+            raise PalateError("too_large", f"q is longer than {MAX_QUERY_CHARS} characters")
+        before = _bounded(params, "before", 0, 2**63 - 1)
+        limit = _bounded(params, "limit", 1, MAX_PAGE_EVENTS)
+        preview = _bounded(params, "preview", 1, MAX_TEXT_CHARS)
+        full = bool(_param(params, "full", bool))
+        return await self.writer.call(
+            lambda s: s.list_events(
+                source=source,
+                kind=kind,
+                since=since,
+                until=until,
+                q=q or None,
+                before=before,
+                limit=50 if limit is None else limit,
+                preview=None if full else (preview or DEFAULT_PREVIEW),
+            )
+        )
+
+    async def event_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """One stored event, whole."""
+        _no_extra(params, {"id"})
+        event_id = _param(params, "id", str, required=True)
+        return {"event": await self.writer.call(lambda s: s.get_event(event_id))}
+
+    async def events_stats(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """What the data covers: per day by source, by kind, hour of day, context values."""
+        _no_extra(params, {"days", "tz_offset_s"})
+        days = _bounded(params, "days", 1, 366)
+        tz = _bounded(params, "tz_offset_s", -14 * 3600, 14 * 3600)
+        return await self.writer.call(
+            lambda s: s.event_stats(days=days or 30, tz_offset_s=tz or 0)
+        )
+
+    # -- collection pause ----------------------------------------------------------------
+    async def load_pause(self) -> None:
+        """Read the pause state kept in the store (the daemon calls this at start)."""
+        saved = await self.writer.call(lambda s: s.get_meta(PAUSE_META))
+        if isinstance(saved, dict):
+            self._pause = saved.get("current")
+            self._pause_windows = list(saved.get("windows") or [])
+        if self.paused() is None:
+            self._pause = None
+
+    def paused(self) -> dict[str, Any] | None:
+        """``{since, until, remaining_s}`` while collection is paused, else None."""
+        p = self._pause
+        if p is None:
+            return None
+        now = time.time()
+        until = p.get("until")
+        if until is not None and until <= now:
+            self._pause = None
+            self._pause_windows = _recent([*self._pause_windows, [p["since"], until]], now)
+            return None
+        return {
+            "since": p["since"],
+            "until": until,
+            "remaining_s": None if until is None else round(until - now, 3),
+        }
+
+    async def _save_pause(self) -> None:
+        state = {"current": self._pause, "windows": self._pause_windows}
+        await self.writer.call(lambda s: s.set_meta(PAUSE_META, state))
+
+    async def pause(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Pause collection by adapters and the browser for ``for_s`` seconds, or until
+        ``resume``. Deliberate feedback (the CLI, the UI's review) is still accepted."""
+        _no_extra(params, {"for_s"})
+        for_s = _finite(params, "for_s")
+        if for_s is not None and not 0 < for_s <= MAX_PAUSE_S:
+            raise PalateError(
+                "invalid_request",
+                f"for_s must be in (0, {MAX_PAUSE_S}] seconds; leave it out to pause until resumed",
+                {"param": "for_s"},
+            )
+        now = time.time()
+        current = self.paused()
+        since = current["since"] if current else now
+        self._pause = {"since": since, "until": None if for_s is None else now + for_s}
+        await self._save_pause()
+        log.info("collection paused %s", "until resumed" if for_s is None else f"for {for_s:.0f} s")
+        return {"paused": self.paused()}
+
+    async def resume(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """End a pause now (a no-op when collection is not paused)."""
+        _no_extra(params, set())
+        current = self.paused()
+        if current is not None:
+            now = time.time()
+            self._pause = None
+            self._pause_windows = _recent([*self._pause_windows, [current["since"], now]], now)
+            await self._save_pause()
+            log.info("collection resumed")
+        return {"paused": None, "was_paused": current is not None}
+
+    async def pause_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Cheap: the pause (or None) and recent ended pause windows, for adapters to honour."""
+        _no_extra(params, set())
+        state = self.paused()
+        return {"paused": state, "windows": self._pause_windows}
 
     # -- registry --------------------------------------------------------------------
     async def models(self, params: Mapping[str, Any]) -> dict[str, Any]:

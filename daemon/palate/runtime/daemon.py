@@ -147,6 +147,7 @@ class Daemon:
         if status.warning:
             log.warning("%s", status.warning)
         api = Api(writer, keys.status, self.paths.socket)
+        await api.load_pause()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.socket)  # stale: we hold the lock, so nobody serves it
         server = Server(api, str(self.paths.socket))

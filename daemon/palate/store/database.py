@@ -30,6 +30,7 @@ import msgpack
 import sqlcipher3.dbapi2 as sqlite
 
 from palate.errors import PalateError
+from palate.events import CONTENT_FIELDS, CONTEXT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,68 @@ def _review_item(
         "version": version,
         **(content.get("extra") or {}),
     }
+
+#: Browsing (``list_events``): rows one call decrypts at most while searching, and the text
+#: characters a page of whole events stops at (well inside the 4 MiB a client reads at once).
+SCAN_ROWS = 20_000
+PAGE_TEXT_CHARS = 1_000_000
+#: ``event_stats`` counts context values over at most this many of the newest events.
+STATS_SAMPLE = 50_000
+
+
+def _event_filters(
+    source: str | None, kind: str | None, since: float | None, until: float | None
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for sql, value in (
+        ("source = ?", source),
+        ("kind = ?", kind),
+        ("ts >= ?", since),
+        ("ts < ?", until),
+    ):
+        if value is not None:
+            where.append(sql)
+            args.append(value)
+    return where, args
+
+
+def _texts(ev: Mapping[str, Any]) -> Iterator[str]:
+    for field in CONTENT_FIELDS:
+        value = ev.get(field)
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            yield from (v for v in value if isinstance(v, str))
+
+
+def _haystack(ev: Mapping[str, Any]) -> str:
+    """Everything a search matches, case-folded: texts, id, source, context values."""
+    ctx = ev.get("context") or {}
+    parts = [*_texts(ev), str(ev.get("id", "")), str(ev.get("source", ""))]
+    parts.extend(str(v) for v in ctx.values())
+    return "\n".join(parts).casefold()
+
+
+def _previewed(ev: dict[str, Any], chars: int) -> dict[str, Any]:
+    """The event with each text cut to ``chars`` characters; ``truncated`` says if any was."""
+    cut = False
+
+    def short(t: str) -> str:
+        nonlocal cut
+        if len(t) > chars:
+            cut = True
+            return t[:chars]
+        return t
+
+    for field in CONTENT_FIELDS:
+        value = ev.get(field)
+        if isinstance(value, str):
+            ev[field] = short(value)
+        elif isinstance(value, list):
+            ev[field] = [short(v) if isinstance(v, str) else v for v in value]
+    ev["truncated"] = cut
+    return ev
 
 
 @dataclass
@@ -543,6 +606,134 @@ class Store:
                 ev["seq"] = seq
                 yield ev
             last = rows[-1][0]
+
+    # -- browsing (read-only: `events_list`, `event_get`, `events_stats`; the web UI) --------
+    def list_events(
+        self,
+        *,
+        source: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        q: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+        preview: int | None = 200,
+    ) -> dict[str, Any]:
+        """One page of stored events, newest first, matching every filter given.
+
+        ``q`` is a case-insensitive substring of any text field, the id, the source or a
+        context value; it is matched in Python after decrypting each row, so one call
+        examines at most :data:`SCAN_ROWS` rows and says where to go on (``next``).
+        ``preview`` cuts each text to that many characters (``None``: whole events, the
+        page then also stops at :data:`PAGE_TEXT_CHARS` characters of text).
+        """
+        where, args = _event_filters(source, kind, since, until)
+        total = None
+        if q is None:
+            sql = "SELECT count(*) FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+            total = int(self._conn.execute(sql, args).fetchone()[0])
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        sql = "SELECT seq, received, body FROM events" + (
+            " WHERE " + " AND ".join(where) if where else ""
+        )
+        needle = q.casefold() if q else None
+        out: list[dict[str, Any]] = []
+        scanned = chars = 0
+        last_seq: int | None = None
+        more = False
+        cur = self._conn.execute(sql + " ORDER BY seq DESC", args)
+        while True:
+            rows = cur.fetchmany(256)
+            if not rows:
+                break
+            for seq, received, body in rows:
+                if len(out) >= limit or scanned >= SCAN_ROWS or (out and chars > PAGE_TEXT_CHARS):
+                    more = True
+                    break
+                scanned += 1
+                last_seq = seq
+                ev: dict[str, Any] = msgpack.unpackb(body, raw=False)
+                if needle is not None and needle not in _haystack(ev):
+                    continue
+                ev["seq"], ev["received"] = seq, received
+                if preview is not None:
+                    ev = _previewed(ev, preview)
+                chars += sum(len(t) for t in _texts(ev))
+                out.append(ev)
+            if more:
+                break
+        cur.close()
+        return {
+            "events": out,
+            "next": last_seq if more else None,
+            "total": total,
+            "scanned": scanned,
+        }
+
+    def get_event(self, event_id: str) -> dict[str, Any]:
+        """One stored event by id, whole (``not_found`` when there is none)."""
+        row = self._conn.execute(
+            "SELECT seq, received, body FROM events WHERE id = ?", (event_id,)
+        ).fetchone()
+        if row is None:
+            raise PalateError("not_found", f"no event with id {event_id[:128]!r}")
+        ev: dict[str, Any] = msgpack.unpackb(row[2], raw=False)
+        ev["seq"], ev["received"] = row[0], row[1]
+        return ev
+
+    def event_stats(
+        self, *, days: int = 30, tz_offset_s: int = 0, now: float | None = None
+    ) -> dict[str, Any]:
+        """What the data covers: events per day by source over the last ``days`` days,
+        counts by source and kind, by hour of day, and by context value (``task``,
+        ``language``, ``domain``, ``app``) over the newest :data:`STATS_SAMPLE` events.
+        Days and hours are local to ``tz_offset_s`` (seconds east of UTC)."""
+        now = time.time() if now is None else now
+        c = self._conn
+        start = (int(now + tz_offset_s) // 86_400 - (days - 1)) * 86_400 - tz_offset_s
+        per_day: dict[str, dict[str, int]] = {}
+        for day, source, n in c.execute(
+            "SELECT date(ts + ?, 'unixepoch') AS d, source, count(*) FROM events "
+            "WHERE ts >= ? GROUP BY d, source ORDER BY d",
+            (tz_offset_s, start),
+        ):
+            per_day.setdefault(day, {})[source] = n
+        by_hour = [0] * 24
+        for hour, n in c.execute(
+            "SELECT CAST(strftime('%H', ts + ?, 'unixepoch') AS INTEGER), count(*) FROM events "
+            "GROUP BY 1",
+            (tz_offset_s,),
+        ):
+            if hour is not None and 0 <= hour < 24:
+                by_hour[hour] = n
+        first, last = c.execute("SELECT min(ts), max(ts) FROM events").fetchone()
+        context: dict[str, dict[str, int]] = {k: {} for k in sorted(CONTEXT_KEYS)}
+        sampled = 0
+        for (body,) in c.execute(
+            "SELECT body FROM events ORDER BY seq DESC LIMIT ?", (STATS_SAMPLE,)
+        ):
+            sampled += 1
+            ctx = msgpack.unpackb(body, raw=False).get("context") or {}
+            for key, counts in context.items():
+                value = ctx.get(key)
+                if isinstance(value, str):
+                    counts[value] = counts.get(value, 0) + 1
+        day_names = [
+            time.strftime("%Y-%m-%d", time.gmtime(start + i * 86_400 + tz_offset_s))
+            for i in range(days)
+        ]
+        return {
+            **self.counts(),
+            "days": [{"day": d, "by_source": per_day.get(d, {})} for d in day_names],
+            "by_hour": by_hour,
+            "by_context": context,
+            "context_sampled": sampled,
+            "first_ts": first,
+            "last_ts": last,
+        }
 
     def get_cursors(self, adapter: str) -> dict[str, Any]:
         rows = self._conn.execute(
