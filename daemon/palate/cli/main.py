@@ -24,6 +24,7 @@ from palate.cli.federate import federate as federate_group
 from palate.cli.review import review as review_group
 from palate.cli.service import schedule as schedule_command
 from palate.cli.service import service as service_group
+from palate.cli.ui import ui as ui_command
 from palate.errors import PalateError
 from palate.paths import resolve
 from palate.wire.client import Client
@@ -243,6 +244,7 @@ cli.add_command(browser_group)
 cli.add_command(service_group)
 cli.add_command(review_group)
 cli.add_command(schedule_command)
+cli.add_command(ui_command)
 cli.add_command(federate_group)
 
 
