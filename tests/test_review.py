@@ -194,6 +194,7 @@ def test_review_methods_over_the_socket(palate_daemon: DaemonProc) -> None:
         assert res["answer"] == "b" and res["open"] == 0 and res["event"]["seq"] >= 1
         status = c.status()
         assert status["events"]["by_source"] == {"review": 1}
+        assert status["review"] == {"open": 0, "b": 1}
         with pytest.raises(PalateError) as ei:
             c.review_answer(it["id"], "a")
         assert ei.value.code == "conflict"

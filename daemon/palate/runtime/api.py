@@ -360,6 +360,7 @@ class Api:
                     "size_bytes": s.size_bytes(),
                     "schema_version": s.schema_version(),
                 },
+                "review": s.review_counts(),
             }
 
         info = await self.writer.call(read)
