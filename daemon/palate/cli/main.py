@@ -101,6 +101,9 @@ def status(as_json: bool) -> None:
             f"schema {d['db']['schema_version']})"
         )
         click.echo(f"key      {d['key_backend']}")
+        open_q = (d.get("review") or {}).get("open")
+        if open_q:
+            click.echo(f"review   {open_q} open question(s): `palate review list`")
         for line in _model_training_schedule(d, listing or {}):
             click.echo(line)
         if not d.get("adapters"):
