@@ -229,6 +229,8 @@ def test_cli_review(palate_daemon: DaemonProc) -> None:
 
     with palate_daemon.client() as c:
         c.call("review_add", {"prompt": "Name a colour", "candidates": ["Blue", "Seven"]})
+    r = palate_daemon.cli("status")
+    assert "review   1 open question(s)" in r.stdout, r.stdout
     r = palate_daemon.cli("review", "list", "--json")
     assert r.returncode == 0, r.stderr
     (it,) = json.loads(r.stdout)["items"]
