@@ -185,6 +185,11 @@ def browser(stack: tuple[DaemonProc, UiProc]) -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         missing("playwright is not installed (pip install -e '.[dev]')")
+    from playwright.sync_api import expect
+
+    # The machine may be busy (2 cores, a daemon, a browser): wait longer than the 5 s default
+    # for a page to settle before calling it a failure.
+    expect.set_options(timeout=20_000)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path(), headless=True)
         yield b
