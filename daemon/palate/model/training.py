@@ -20,6 +20,8 @@ Everything random (LoRA init, head init, batch order) follows ``config.seed``.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,13 +77,17 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "federation_spec",
+    "frozen_key",
     "length_balance_weights",
     "load_trainable_state",
+    "pack_hidden",
     "train_reward_model",
+    "unpack_hidden",
 ]
 
 Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
 Prefix = tuple[list[EncodedGroup], Hidden | None, TruncationStats]
+EMPTY_HIDDEN: tuple[np.ndarray, list[np.ndarray]] = (np.zeros((0, 0), np.float32), [])
 
 
 def _f(default: Any, help: str) -> Any:
@@ -149,6 +155,13 @@ class TrainConfig:
     members: int = _f(
         5, "ensemble members: heads on the shared trunk, each on its own bootstrap resample"
     )
+    # Read by the store-backed run only (runtime/training_child.py): the model layer has no
+    # store. 0.26 GB per 1,000 HH pairs (tokens x hidden x 2 bytes; docs/model.md).
+    frozen_cache_mb: int = _f(
+        1024,
+        "nightly runs keep the frozen blocks' activations (encrypted, in the store) for reuse "
+        "by later nights, up to this many MB; 0 keeps none",
+    )
 
     def lora(self) -> LoraConfig:
         return LoraConfig(
@@ -198,6 +211,9 @@ class TrainResult:
     #: again on the same examples and config without paying for either (bench/ensemble.py
     #: trains several ensemble variants on one cache).
     prefix: Prefix | None = None
+    #: With ``frozen``: each group's key in it (:func:`frozen_key`), aligned with
+    #: ``prefix[1]``, so the caller can keep the entries it did not have yet.
+    frozen_keys: list[str] | None = None
 
 
 class LengthHead(nn.Module):
@@ -235,6 +251,37 @@ class _WithLengthHead(nn.Module):
         super().__init__()
         self.model = model
         self.length = length
+
+
+def frozen_key(group: EncodedGroup, base_hash: str, split: int, dtype: str) -> str:
+    """The key of one example's frozen-prefix activations across runs (nights).
+
+    The outputs of blocks ``[0, split)`` depend only on the base weights (``base_hash``, the
+    sha256 of the weight file), the split, the storage dtype and the token ids (which already
+    carry the tokenizer, the chat template and the truncation to ``max_tokens``); so the same
+    key means the same activations, and a new base model means new keys: nothing stale is
+    ever reused.
+    """
+    h = hashlib.sha256(f"palate-frozen:v1|{base_hash}|{split}|{dtype}|".encode())
+    for arr in (group.prompt, *group.responses):
+        ids = np.ascontiguousarray(arr, dtype=np.int32)
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(ids.tobytes())
+    return h.hexdigest()
+
+
+def pack_hidden(entry: tuple[np.ndarray, list[np.ndarray]]) -> bytes:
+    """One example's frozen activations as bytes (npz, no pickle) for a store outside the
+    model layer; :func:`unpack_hidden` reads them back exactly."""
+    buf = io.BytesIO()
+    np.savez(buf, entry[0], *entry[1])  # arr_0: the prompt, arr_1...: the responses
+    return buf.getvalue()
+
+
+def unpack_hidden(blob: bytes) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The inverse of :func:`pack_hidden`."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return z["arr_0"], [z[f"arr_{i}"] for i in range(1, len(z.files))]
 
 
 #: Salt of the validation split: the held-out split's function (evaluation/split.py), so
@@ -497,6 +544,7 @@ def train_reward_model(
     base: Any | None = None,
     prefix: Prefix | None = None,
     init_state: Mapping[str, np.ndarray] | None = None,
+    frozen: Callable[[str], bytes | None] | None = None,
 ) -> TrainResult:
     """Train a reward model on in-memory examples and calibrate it.
 
@@ -504,7 +552,11 @@ def train_reward_model(
     ``config.base_model`` when None). Raises ValueError on an empty or unusable dataset.
     The model returned has the best validation-loss weights loaded. ``init_state`` starts
     the LoRA/head weights from given values (:func:`load_trainable_state`) instead of the
-    seeded initialisation.
+    seeded initialisation. ``frozen``: a lookup of frozen-prefix activations kept from
+    earlier runs, by :func:`frozen_key` (packed by :func:`pack_hidden`; None: not kept);
+    only the examples it lacks run through the frozen blocks, and ``TrainResult.frozen_keys``
+    names every example's key so the caller can keep the new ones (runtime/training_child.py
+    keeps them in the encrypted store across nights).
     """
     config = config or TrainConfig()
     emit = progress or (lambda e: None)
@@ -535,6 +587,8 @@ def train_reward_model(
     if init_state is not None:
         load_trainable_state(model, init_state)
     hidden: Hidden | None = None
+    frozen_keys: list[str] | None = None
+    frozen_reused = 0
     start = 0
     t_cache = time.monotonic()
     if prefix is not None and prefix[1] is not None and config.prefix_cache:
@@ -555,16 +609,40 @@ def train_reward_model(
                 )
             )
 
+        todo = list(range(len(groups)))
+        kept: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+        if frozen is not None:
+            frozen_keys = [
+                frozen_key(g, base.content_hash, model.split, config.cache_dtype) for g in groups
+            ]
+            todo = []
+            for i, k in enumerate(frozen_keys):
+                blob = frozen(k)
+                if blob is None:
+                    todo.append(i)
+                else:
+                    kept[i] = unpack_hidden(blob)
+            total_tok = sum(groups[i].cost for i in todo)
         engine = None
-        if use_cpu_engine(model, config.cpu_forward):
+        if todo and use_cpu_engine(model, config.cpu_forward):
             engine = CpuEngine(model, threads=default_threads())
         try:
-            hidden = build_prefix_cache(
-                model, groups, config.batch_tokens, streams, config.cache_dtype, on_cache, engine
+            built = build_prefix_cache(
+                model,
+                [groups[i] for i in todo],
+                config.batch_tokens,
+                streams,
+                config.cache_dtype,
+                on_cache,
+                engine,
             )
         finally:
             if engine is not None:
                 engine.close()
+        hidden = [kept.get(i, EMPTY_HIDDEN) for i in range(len(groups))]
+        for i, entry in zip(todo, built, strict=True):
+            hidden[i] = entry
+        frozen_reused = len(kept)
         start = model.split
     cache_s = time.monotonic() - t_cache
     train_h = hidden[: len(train_g)] if hidden is not None else None
@@ -788,6 +866,8 @@ def train_reward_model(
             "total": round(time.monotonic() - t_start, 2),
         },
         "train_tokens_per_s": tokens_done / max(train_s, 1e-9),
+        # Examples whose frozen-prefix activations came from an earlier run (``frozen``).
+        "frozen_reused": frozen_reused,
         "trainable_parameters": int(sum(v.size for v in model.trainable_state().values())),
         "length_head_weight": (
             trainee.length.coefficient() if isinstance(trainee, _WithLengthHead) else None
@@ -806,4 +886,5 @@ def train_reward_model(
         truncation=trunc,
         history=history,
         prefix=(groups, hidden, trunc),
+        frozen_keys=frozen_keys,
     )

@@ -53,7 +53,13 @@ from palate.events import (  # noqa: E402
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
 from palate.model.scoring import Scorer, mean_rewards  # noqa: E402
-from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
+from palate.model.training import (  # noqa: E402
+    ProgressEvent,
+    TrainConfig,
+    TrainResult,
+    pack_hidden,
+    train_reward_model,
+)
 from palate.paths import resolve  # noqa: E402
 from palate.runtime.progress import RunPlan, RunProgress  # noqa: E402
 from palate.store.database import Store  # noqa: E402
@@ -231,6 +237,48 @@ def federated_start(store: Store, tc: TrainConfig) -> tuple[Any, str | None]:
     return state, f"federated:{meta.get('federation')}@{meta.get('round')}"
 
 
+class FrozenLookup:
+    """The store's frozen-prefix cache as the lookup ``train_reward_model(frozen=...)`` takes,
+    remembering which keys it found (the rest are new tonight and get kept)."""
+
+    def __init__(self, store: Store, base_hash: str) -> None:
+        self.store, self.base_hash = store, base_hash
+        self.hits: list[str] = []
+
+    def __call__(self, key: str) -> bytes | None:
+        blob = self.store.frozen_cache_get(self.base_hash, key)
+        if blob is not None:
+            self.hits.append(key)
+        return blob
+
+
+#: New cache rows written per transaction (each a few hundred KB for HH-sized examples), so
+#: keeping them never holds a second copy of the whole cache in memory.
+FROZEN_CHUNK = 64
+
+
+def keep_frozen(
+    store: Store, lookup: FrozenLookup, result: TrainResult, tc: TrainConfig, forgets: int
+) -> dict[str, Any] | None:
+    """Keep tonight's new frozen-prefix activations for later nights (bounded by
+    ``tc.frozen_cache_mb``); None when there is nothing to keep. Not after a forget that
+    happened during this run: what this run computed may hold the forgotten text."""
+    keys = result.frozen_keys
+    hidden = result.prefix[1] if result.prefix is not None else None
+    if keys is None or hidden is None or store.forget_count() != forgets:
+        return None
+    max_bytes = max(0, tc.frozen_cache_mb) * 1024 * 1024
+    known = set(lookup.hits)
+    new = [(k, h) for k, h in zip(keys, hidden, strict=True) if k not in known]
+    stats = store.frozen_cache_put(lookup.base_hash, {}, sorted(known), max_bytes)
+    added = 0
+    for i in range(0, len(new), FROZEN_CHUNK):
+        chunk = {k: pack_hidden(h) for k, h in new[i : i + FROZEN_CHUNK]}
+        stats = store.frozen_cache_put(lookup.base_hash, chunk, [], max_bytes)
+        added += len(chunk)
+    return {**stats, "reused": len(known), "added": added}
+
+
 def parent_alive() -> bool:
     """False when the daemon that started this run has died (the run was re-parented).
 
@@ -286,7 +334,17 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         )
     )
     init_state, init_from = federated_start(store, tc)
-    result = train_reward_model(split.train, tc, on_progress, base=base, init_state=init_state)
+    lookup = FrozenLookup(store, base.content_hash)
+    use_kept = tc.frozen_cache_mb > 0 and tc.prefix_cache
+    result = train_reward_model(
+        split.train,
+        tc,
+        on_progress,
+        base=base,
+        init_state=init_state,
+        frozen=lookup if use_kept else None,
+    )
+    frozen_kept = keep_frozen(store, lookup, result, tc, forgets) if use_kept else None
 
     judged = 0
     to_judge = len(held_pairs) * compared
@@ -353,6 +411,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
             "metrics": result.metrics,
             "seconds": round(time.time() - t0, 1),
         },
+            "frozen_cache": frozen_kept,
         "job": job,
     }
     state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]

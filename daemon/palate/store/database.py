@@ -147,6 +147,22 @@ MIGRATIONS.append(
         """,
     )
 )
+MIGRATIONS.append(
+    (
+        5,
+        "frozen_cache: the frozen base blocks' activations per example, kept across nights",
+        """
+        CREATE TABLE frozen_cache (
+            key    TEXT PRIMARY KEY,
+            base   TEXT NOT NULL,
+            used   REAL NOT NULL,
+            bytes  INTEGER NOT NULL,
+            arrays BLOB NOT NULL
+        );
+        CREATE INDEX frozen_cache_used ON frozen_cache(used);
+        """,
+    )
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
@@ -668,6 +684,8 @@ class Store:
         cur.close()
         return {
             "events": out,
+        # The frozen-prefix cache holds activations of the forgotten text too: empty it.
+        c.execute("DELETE FROM frozen_cache")
             "next": last_seq if more else None,
             "total": total,
             "scanned": scanned,
@@ -1146,6 +1164,68 @@ class Store:
             return None
         meta = {**json.loads(row[2]), "federation": row[0], "updated": row[1]}
         return meta, bytes(row[3])
+
+    # -- the frozen-prefix cache (issue 15; runtime/training_child.py) ----------------------
+    # Activations of the frozen base blocks for each training example, so a night after a
+    # few new events runs only those through the frozen blocks. Derived from the user's text,
+    # so it lives in this encrypted database, is bounded in size, and is emptied by every
+    # forget (a forget cannot tell which rows came from the forgotten events). ``base`` is
+    # the base model's content hash: rows of another base are never read and are dropped.
+
+    def frozen_cache_get(self, base: str, key: str) -> bytes | None:
+        """One example's packed activations under ``base``, or None."""
+        row = self._conn.execute(
+            "SELECT arrays FROM frozen_cache WHERE key = ? AND base = ?", (key, base)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def frozen_cache_put(
+        self,
+        base: str,
+        entries: Mapping[str, bytes],
+        used: Sequence[str],
+        max_bytes: int,
+    ) -> dict[str, int]:
+        """Keep ``entries`` (key -> packed activations) for ``base``, mark ``used`` keys as
+        read tonight, drop every row of another base, then the least recently used rows
+        until the cache holds at most ``max_bytes`` (0: drop all). One transaction. Returns
+        ``{rows, bytes, added, evicted}``."""
+        now = time.time()
+        with self._write("keeping the frozen-prefix cache") as c:
+            evicted = c.execute("DELETE FROM frozen_cache WHERE base != ?", (base,)).rowcount
+            for i in range(0, len(used), 500):
+                chunk = list(used[i : i + 500])
+                c.execute(
+                    f"UPDATE frozen_cache SET used = ? WHERE key IN ({','.join('?' * len(chunk))})",
+                    (now, *chunk),
+                )
+            c.executemany(
+                "INSERT INTO frozen_cache (key, base, used, bytes, arrays) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET used = excluded.used",
+                [(k, base, now, len(v), v) for k, v in entries.items()],
+            )
+            total = int(c.execute("SELECT COALESCE(SUM(bytes), 0) FROM frozen_cache").fetchone()[0])
+            if total > max_bytes:
+                rows = c.execute(
+                    "SELECT key, bytes FROM frozen_cache ORDER BY used, key"
+                ).fetchall()
+                drop = []
+                for key, size in rows:
+                    if total <= max_bytes:
+                        break
+                    drop.append(key)
+                    total -= int(size)
+                c.executemany("DELETE FROM frozen_cache WHERE key = ?", [(k,) for k in drop])
+                evicted += len(drop)
+            n = int(c.execute("SELECT COUNT(*) FROM frozen_cache").fetchone()[0])
+        return {"rows": n, "bytes": total, "added": len(entries), "evicted": evicted}
+
+    def frozen_cache_stats(self) -> dict[str, int]:
+        """``{rows, bytes}`` of the frozen-prefix cache."""
+        n, size = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM frozen_cache"
+        ).fetchone()
+        return {"rows": int(n), "bytes": int(size)}
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])

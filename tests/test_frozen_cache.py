@@ -1,0 +1,151 @@
+"""The frozen-prefix cache kept across nights (issue 15): keyed by base hash and example
+content, exact when reused, bounded, encrypted in the store, emptied by forget and never
+reused for another base model."""
+
+from __future__ import annotations
+
+from palate.model.blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+import dataclasses  # noqa: E402
+import secrets  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from palate.events import validate_event  # noqa: E402
+from palate.model.batching import encode_examples  # noqa: E402
+from palate.model.training import (  # noqa: E402
+    TrainConfig,
+    frozen_key,
+    pack_hidden,
+    train_reward_model,
+    unpack_hidden,
+)
+from palate.runtime.training_child import FrozenLookup, keep_frozen  # noqa: E402
+from palate.store.database import IngestGroup, Store  # noqa: E402
+from tiny_lm import marker_pairs, tiny_base  # noqa: E402
+
+FAST: dict[str, Any] = dict(
+    lora_layers=2, lr=3e-3, batch_tokens=1024, max_tokens=64, min_steps=0, members=1, epochs=1
+)
+
+
+def _state(res: Any) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in res.model.trainable_state().items()}
+
+
+def test_reused_activations_train_the_same_model_and_only_new_examples_are_computed() -> None:
+    base = tiny_base()
+    data = marker_pairs(80)
+    kept: dict[str, bytes] = {}
+    first = train_reward_model(data, TrainConfig(**FAST), base=base, frozen=kept.get)
+    assert first.metrics["frozen_reused"] == 0 and first.frozen_keys is not None
+    assert first.prefix is not None and first.prefix[1] is not None
+    kept.update(
+        {k: pack_hidden(h) for k, h in zip(first.frozen_keys, first.prefix[1], strict=True)}
+    )
+    assert len(kept) == len(set(first.frozen_keys))
+
+    again = train_reward_model(data, TrainConfig(**FAST), base=base, frozen=kept.get)
+    assert again.metrics["frozen_reused"] == 80
+    a, b = _state(first), _state(again)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # exact: the same numbers, kept
+
+    # A night with 10% new events: only those go through the frozen blocks.
+    more = data + marker_pairs(8, seed=7)
+    night = train_reward_model(more, TrainConfig(**FAST), base=base, frozen=kept.get)
+    assert night.metrics["frozen_reused"] == 80
+    assert night.frozen_keys is not None and night.prefix is not None
+    assert night.prefix[1] is not None
+    fresh = dict(zip(night.frozen_keys, night.prefix[1], strict=True))
+    for k, blob in kept.items():  # what was reused is what was kept
+        p, rs = unpack_hidden(blob)
+        assert np.array_equal(fresh[k][0], p) and all(
+            np.array_equal(x, y) for x, y in zip(fresh[k][1], rs, strict=True)
+        )
+
+    # Another base model: nothing matches, everything is computed.
+    other = dataclasses.replace(base, content_hash="another-base")
+    res = train_reward_model(data, TrainConfig(**FAST), base=other, frozen=kept.get)
+    assert res.metrics["frozen_reused"] == 0
+
+
+def test_the_key_covers_base_split_dtype_and_tokens() -> None:
+    (g, h), _ = encode_examples(marker_pairs(2), tiny_base().tokenizer, 64)
+    k = frozen_key(g, "base", 2, "float16")
+    assert k == frozen_key(g, "base", 2, "float16")
+    others = [("other", 2, "float16"), ("base", 3, "float16"), ("base", 2, "float32")]
+    keys = {k, frozen_key(h, "base", 2, "float16"), *(frozen_key(g, *o) for o in others)}
+    assert len(keys) == 5
+    entry = (np.arange(6, dtype=np.float16).reshape(2, 3), [np.ones((1, 3), np.float16)] * 2)
+    p, rs = unpack_hidden(pack_hidden(entry))
+    assert np.array_equal(p, entry[0]) and p.dtype == np.float16 and len(rs) == 2
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "p.db", secrets.token_bytes(32))
+
+
+def test_store_bounds_evicts_oldest_and_drops_other_bases(store: Store) -> None:
+    blob = b"\x01" * 1000
+    s = store.frozen_cache_put("A", {"k1": blob, "k2": blob}, [], max_bytes=10_000)
+    assert s == {"rows": 2, "bytes": 2000, "added": 2, "evicted": 0}
+    assert store.frozen_cache_get("A", "k1") == blob
+    assert store.frozen_cache_get("B", "k1") is None  # another base never reads it
+    # k1 read again tonight: k2 is now the least recently used and goes first.
+    s = store.frozen_cache_put("A", {"k3": blob}, ["k1"], max_bytes=2500)
+    assert s["rows"] == 2 and s["bytes"] == 2000 and s["evicted"] == 1
+    assert store.frozen_cache_get("A", "k2") is None and store.frozen_cache_get("A", "k1")
+    # A new base model: every row of the old one is dropped.
+    s = store.frozen_cache_put("B", {"k9": blob}, [], max_bytes=10_000)
+    assert s["rows"] == 1 and store.frozen_cache_get("A", "k1") is None
+    assert store.frozen_cache_stats() == {"rows": 1, "bytes": 1000}
+    assert store.frozen_cache_put("B", {}, [], max_bytes=0)["rows"] == 0
+
+
+def test_store_encrypts_and_forget_empties_it(tmp_path: Path) -> None:
+    st = Store(tmp_path / "p.db", secrets.token_bytes(32))
+    marker = b"FROZEN-ACTIVATIONS-" * 50
+    st.frozen_cache_put("A", {"k": marker}, [], max_bytes=1 << 20)
+    st.checkpoint()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert b"FROZEN-ACTIVATIONS-" not in raw  # encrypted at rest
+    event = validate_event(
+        {"id": "e1", "kind": "pair", "source": "t", "ts": 1.79e9, "prompt": "p",
+         "chosen": "c", "rejected": "r"},
+        now=2e9,
+    )  # fmt: skip
+    st.ingest([IngestGroup([event])])
+    assert st.forget(ids=["e1"], purge_wait_s=1.0) == 1
+    assert st.frozen_cache_stats()["rows"] == 0
+    st.close()
+
+
+def test_the_training_run_keeps_and_reuses_through_the_store(store: Store) -> None:
+    base = tiny_base()
+    tc = TrainConfig(**FAST)
+    data = marker_pairs(60)
+    forgets = store.forget_count()
+    lookup = FrozenLookup(store, base.content_hash)
+    first = train_reward_model(data, tc, base=base, frozen=lookup)
+    kept = keep_frozen(store, lookup, first, tc, forgets)
+    assert kept is not None and kept["added"] == 60 and kept["reused"] == 0
+    per_example = kept["bytes"] / 60
+    assert per_example > 0 and kept["rows"] == 60
+
+    lookup = FrozenLookup(store, base.content_hash)
+    second = train_reward_model(data + marker_pairs(6, seed=9), tc, base=base, frozen=lookup)
+    assert second.metrics["frozen_reused"] == 60
+    kept = keep_frozen(store, lookup, second, tc, forgets)
+    assert kept is not None and kept["added"] == 6 and kept["rows"] == 66
+    # Bounded by frozen_cache_mb (the store's LRU eviction is tested above): 0 keeps nothing.
+    small = dataclasses.replace(tc, frozen_cache_mb=0)
+    assert keep_frozen(store, FrozenLookup(store, "x"), second, small, forgets) is not None
+    assert store.frozen_cache_stats()["rows"] == 0
+    # A forget during the run: nothing from it is kept.
+    assert keep_frozen(store, lookup, second, tc, forgets - 1) is None
