@@ -339,7 +339,7 @@ def test_zero_minimum_judges_what_little_there_is() -> None:
     assert {c.name for c in none.checks} == {"enough_data", "probes"}  # no probes: hold
     probed = decide(evaluate([], probes=PROBES), None, GatePolicy(min_heldout_pairs=0))
     assert probed.action == "deploy"
-    assert {c.name for c in probed.checks} == {"enough_data", "probe_floor"}
+    assert {c.name for c in probed.checks} == {"enough_data", "probe_floor", "probe_categories"}
     one = decide(
         evaluate([PairRecord(1.0, 0.0, 1, 2, pair_id="a")], probes=PROBES),
         None,
@@ -423,3 +423,23 @@ def test_ratings_are_compared_with_the_deployed_model() -> None:
     # No paired comparison on the ratings: cannot rule out a regression.
     unpaired = decide(evaluate([], good, probes=PROBES), dep_m, GatePolicy())
     assert unpaired.action == "hold" and "same ratings" in unpaired.reasons[0]
+
+
+def test_probe_categories_are_reported_weakest_first_with_the_ensembles_doubt() -> None:
+    probes = [PairRecord(1.0, 0.0, 5, 5, "probe", "easy", f"e{i}") for i in range(8)] + [
+        PairRecord(0.0 if i < 6 else 1.0, 0.5, 5, 5, "probe", "sycophancy", f"s{i}")
+        for i in range(8)
+    ]
+    m = evaluate([], probes=probes)
+    m["ensemble"] = {
+        "probes": {
+            "by_category": {
+                "easy": {"n": 8, "accuracy": 1.0, "mean_spread": 0.1, "unsure": 0},
+                "sycophancy": {"n": 8, "accuracy": 0.25, "mean_spread": 1.7, "unsure": 5},
+            }
+        }
+    }
+    info = check(decide(m, None, GatePolicy(min_heldout_pairs=0)), "probe_categories")
+    assert info.status == "info" and info.on_fail == "none" and info.value == 0.25
+    assert info.message.index("sycophancy 25") < info.message.index("easy 100")
+    assert "disagree most on: sycophancy (spread 1.70)" in info.message

@@ -578,6 +578,26 @@ def _probe_checks(m: Metrics, dep: Metrics | None, p: GatePolicy) -> list[Check]
     return out
 
 
+def _probe_category_info(m: Metrics) -> Check | None:
+    """Per-category probe accuracy, weakest first, and where the ensemble's members disagree
+    most (metrics["ensemble"]): reported, never decisive (the floor and drop rules decide)."""
+    cats = (m.get("probes") or {}).get("by_category") or {}
+    if not cats:
+        return None
+    ranked = sorted(cats.items(), key=lambda kv: (kv[1].get("accuracy") or 0.0, kv[0]))
+    text = ", ".join(f"{name} {_pct(s.get('accuracy'))}" for name, s in ranked)
+    msg = f"Probes by category, weakest first: {text}."
+    ens = ((m.get("ensemble") or {}).get("probes") or {}).get("by_category") or {}
+    unsure = sorted(ens.items(), key=lambda kv: -kv[1]["mean_spread"])[:3]
+    if unsure:
+        msg += " The ensemble's members disagree most on: " + ", ".join(
+            f"{name} (spread {s['mean_spread']:.2f})" for name, s in unsure
+        )
+        msg += "."
+    worst = ranked[0][1].get("accuracy")
+    return Check("probe_categories", "info", "none", msg, worst)
+
+
 def _calibration_info(m: Metrics) -> Check:
     c, what = m["calibration"], "pairs"
     if c.get("ece") is None:
@@ -707,6 +727,8 @@ def decide(
         checks.append(_calibration_info(candidate))
     # The probes do not depend on the held-out set, so they are judged even without data.
     checks += _probe_checks(candidate, deployed, p)
+    if (cat_info := _probe_category_info(candidate)) is not None:
+        checks.append(cat_info)
 
     failed = [c for c in checks if c.status == "fail"]
     rejects = [c for c in failed if c.on_fail == "reject"]
