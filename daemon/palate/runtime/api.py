@@ -841,7 +841,12 @@ class Api:
             return
         task = asyncio.get_running_loop().create_task(self._rescore(version))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._rescored)
+
+    def _rescored(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("re-scoring the review queue failed: %s", task.exception())
 
     async def _rescore(self, version: int) -> None:
         items = await self.writer.call(lambda s: s.list_review(REVIEW_RESCORE_MAX))
