@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from palate.model import artifacts  # noqa: E402
+from palate.model.batching import RatingExample  # noqa: E402
 from palate.model.ensemble import bootstrap_weights  # noqa: E402
 from palate.model.losses import LossInputs, ensemble_loss, preference_loss  # noqa: E402
 from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
@@ -111,8 +112,15 @@ def test_trained_ensemble_members_differ_and_round_trip(tmp_path: object) -> Non
         min_steps=20,
         members=3,
     )
-    res = train_reward_model(marker_pairs(120), cfg, base=base)
+    # pairs and thumbs (ratings, as editors and voice send them) in one run
+    pairs = marker_pairs(120)
+    ratings = [
+        RatingExample(p.prompt, p.chosen if i % 2 else p.rejected, float(i % 2))
+        for i, p in enumerate(marker_pairs(40, seed=7))
+    ]
+    res = train_reward_model([*pairs, *ratings], cfg, base=base)
     assert res.model.members == 3 and len(res.calibration.member_offsets) == 3
+    assert res.data_summary["ratings"] == 40
     heads = np.asarray(res.model.head.weight)
     assert heads.shape == (3, 64) and not np.allclose(heads[0], heads[1])
     art = artifacts.artifact_from_model(
