@@ -5,8 +5,9 @@ A new user's machine in a temp dir, in the default layout (no ``PALATE_HOME``; t
 write feedback in their own formats:
 
 * **Continue** (``~/.continue/dev_data/0.2.0/``): ``autocomplete`` outcomes (accepted, or
-  shown and not taken), and ``chatFeedback`` thumbs on prompts in Continue's own template
-  (system prompt included) with a ``sessionId``;
+  shown and not taken), ``chatFeedback`` thumbs on prompts in Continue's own template
+  (system prompt included) with a ``sessionId``, and ``nextEditOutcome`` rewrites taken or
+  not (stored as pairs, so there is a held-out pair accuracy too);
 * **Tabby** (``~/.tabby/events/YYYY-MM-DD.json``): ``completion`` records, then ``view`` and
   ``select`` or ``dismiss``;
 * **voice** (generic turn JSONL): calls of user / assistant turns with a thumbs line;
@@ -161,11 +162,15 @@ class World:
     def write_day(self, day: int, start: float, per_day: int) -> int:
         """Write one day's feedback (timestamps within the day from ``start``); returns how
         many events the daemon should store from it."""
-        share = {"continue_ac": 0.35, "continue_chat": 0.1, "tabby": 0.25, "voice": 0.12}
+        share = {
+            "continue_ac": 0.3, "continue_chat": 0.1, "continue_next": 0.08, "tabby": 0.22,
+            "voice": 0.12,
+        }  # fmt: skip
         counts = {k: max(2, int(per_day * v)) for k, v in share.items()}
         counts["browser"] = max(2, per_day - sum(counts.values()))
         clock = iter(start + 60.0 * i for i in range(10 * per_day))
         self._continue(day, counts["continue_ac"], counts["continue_chat"], clock)
+        self._next_edits(day, counts["continue_next"], clock)
         self._tabby(day, counts["tabby"], clock)
         self._voice(day, counts["voice"], clock)
         self._browser(day, counts["browser"])
@@ -219,6 +224,32 @@ class World:
                 }
             )  # fmt: skip
         self._append(self.continue_dir / "chatFeedback.jsonl", chats)
+
+    def _next_edits(self, day: int, n: int, clock: Iterator[float]) -> None:
+        """Continue's next-edit outcomes: a rewrite of the line at the cursor, taken or not
+        (the daemon stores each as a pair: rewrite vs original)."""
+        rows = []
+        for k in range(n):
+            prefix, suffix, path = self.code_context(day, 2000 + k)
+            text, liked = self.answer(self.verdict())
+            rows.append(
+                {
+                    "eventName": "nextEditOutcome", "schema": "0.2.0", "userId": "",
+                    "userAgent": "Visual Studio Code/1.101.0 (Continue/1.1.50)",
+                    "selectedProfileId": "local", "timestamp": int(next(clock) * 1000),
+                    "elapsed": 600, "completionOptions": {},
+                    "completionId": str(uuid.UUID(int=self.rnd.getrandbits(128))),
+                    "uniqueId": "u-1", "fileUri": f"file://{path}",
+                    "workspaceDirUri": "file:///home/user/proj", "prompt": "...",
+                    "userEdits": "", "userExcerpts": f"{prefix}<|cursor|>{suffix}",
+                    "originalEditableRange": "    result = None\n",
+                    "completion": f"    result = {text.replace(' ', '_')}\n",
+                    "cursorPosition": {"line": prefix.count("\n"), "character": 13},
+                    "accepted": liked, "modelProvider": "inception",
+                    "modelName": "mercury-coder",
+                }
+            )  # fmt: skip
+        self._append(self.continue_dir / "nextEditOutcome.jsonl", rows)
 
     def _tabby(self, day: int, n: int, clock: Iterator[float]) -> None:
         rows = []
