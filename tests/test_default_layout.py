@@ -135,3 +135,35 @@ def test_default_layout_adapters_browser_and_doctor(tmp_path: Path) -> None:
         assert "PALATE_SOCKET" in checks["browser"]["detail"]
     finally:
         d.terminate()
+
+
+def test_doctor_names_an_adapter_that_cannot_reach_the_daemon(tmp_path: Path) -> None:
+    from palate.service.checks_adapters import adapter_checks
+
+    env = default_layout_env(tmp_path)
+    paths = paths_in(env)
+    paths.home.mkdir(parents=True)
+    inbox = tmp_path / "inbox"
+    paths.config_file.write_text(f'[adapters.jsonl]\nenabled = true\ndirs = ["{inbox}"]\n')
+    status = {
+        "daemon": {"socket": str(paths.socket)},
+        "adapters": [
+            {
+                "name": "jsonl",
+                "state": "running",
+                "events": 0,
+                "connected": False,
+                "last_error": f"cannot connect to {paths.home}/run/palate.sock",
+            }
+        ],
+    }
+    (missing,) = adapter_checks(paths, status)
+    assert missing.status == "warn" and str(inbox) in missing.detail  # no folder yet
+    inbox.mkdir()
+    (check,) = adapter_checks(paths, status)
+    assert check.status == "fail" and "cannot reach the daemon's socket" in check.detail
+    assert str(paths.socket) in check.detail
+    status["adapters"][0].update(connected=True, socket=str(paths.socket), events=3)
+    (check,) = adapter_checks(paths, status)
+    assert check.status == "ok" and "connected, 3 event(s)" in check.detail
+    assert adapter_checks(paths, None)[0].status == "warn"  # no daemon: it cannot tell
