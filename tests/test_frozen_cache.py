@@ -121,8 +121,9 @@ def test_store_encrypts_and_forget_empties_it(tmp_path: Path) -> None:
         now=2e9,
     )  # fmt: skip
     st.ingest([IngestGroup([event])])
-    assert st.forget(ids=["e1"], purge_wait_s=1.0) == 1
-    assert st.frozen_cache_stats()["rows"] == 0
+    epoch = st.frozen_cache_epoch()
+    assert st.forget(ids=["e1"]) == 1
+    assert st.frozen_cache_stats()["rows"] == 0 and st.frozen_cache_epoch() == epoch + 1
     st.close()
 
 
@@ -130,10 +131,10 @@ def test_the_training_run_keeps_and_reuses_through_the_store(store: Store) -> No
     base = tiny_base()
     tc = TrainConfig(**FAST)
     data = marker_pairs(60)
-    forgets = store.forget_count()
+    epoch = store.frozen_cache_epoch()
     lookup = FrozenLookup(store, base.content_hash)
     first = train_reward_model(data, tc, base=base, frozen=lookup)
-    kept = keep_frozen(store, lookup, first, tc, forgets)
+    kept = keep_frozen(store, lookup, first, tc, epoch)
     assert kept is not None and kept["added"] == 60 and kept["reused"] == 0
     per_example = kept["bytes"] / 60
     assert per_example > 0 and kept["rows"] == 60
@@ -141,11 +142,11 @@ def test_the_training_run_keeps_and_reuses_through_the_store(store: Store) -> No
     lookup = FrozenLookup(store, base.content_hash)
     second = train_reward_model(data + marker_pairs(6, seed=9), tc, base=base, frozen=lookup)
     assert second.metrics["frozen_reused"] == 60
-    kept = keep_frozen(store, lookup, second, tc, forgets)
+    kept = keep_frozen(store, lookup, second, tc, epoch)
     assert kept is not None and kept["added"] == 6 and kept["rows"] == 66
     # Bounded by frozen_cache_mb (the store's LRU eviction is tested above): 0 keeps nothing.
     small = dataclasses.replace(tc, frozen_cache_mb=0)
-    assert keep_frozen(store, FrozenLookup(store, "x"), second, small, forgets) is not None
+    assert keep_frozen(store, FrozenLookup(store, "x"), second, small, epoch) is not None
     assert store.frozen_cache_stats()["rows"] == 0
     # A forget during the run: nothing from it is kept.
-    assert keep_frozen(store, lookup, second, tc, forgets - 1) is None
+    assert keep_frozen(store, lookup, second, tc, epoch - 1) is None

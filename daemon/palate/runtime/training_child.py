@@ -258,14 +258,15 @@ FROZEN_CHUNK = 64
 
 
 def keep_frozen(
-    store: Store, lookup: FrozenLookup, result: TrainResult, tc: TrainConfig, forgets: int
+    store: Store, lookup: FrozenLookup, result: TrainResult, tc: TrainConfig, epoch: int
 ) -> dict[str, Any] | None:
     """Keep tonight's new frozen-prefix activations for later nights (bounded by
     ``tc.frozen_cache_mb``); None when there is nothing to keep. Not after a forget that
-    happened during this run: what this run computed may hold the forgotten text."""
+    happened during this run (``epoch``: :meth:`Store.frozen_cache_epoch` before the run
+    read its events): what this run computed may hold the forgotten text."""
     keys = result.frozen_keys
     hidden = result.prefix[1] if result.prefix is not None else None
-    if keys is None or hidden is None or store.forget_count() != forgets:
+    if keys is None or hidden is None or store.frozen_cache_epoch() != epoch:
         return None
     max_bytes = max(0, tc.frozen_cache_mb) * 1024 * 1024
     known = set(lookup.hits)
@@ -311,6 +312,7 @@ def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> d
 def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) -> dict[str, Any]:
     t0 = time.time()
     PROGRESS.report("load", 0, 0, message="reading feedback")
+    frozen_epoch = store.frozen_cache_epoch()  # before reading: see keep_frozen
     examples = load_examples(store)
     split = split_items(examples, key=example_key)
     held_pairs = [e for e in split.heldout if isinstance(e, PairExample)]
@@ -344,7 +346,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         init_state=init_state,
         frozen=lookup if use_kept else None,
     )
-    frozen_kept = keep_frozen(store, lookup, result, tc, forgets) if use_kept else None
+    frozen_kept = keep_frozen(store, lookup, result, tc, frozen_epoch) if use_kept else None
 
     judged = 0
     to_judge = len(held_pairs) * compared
@@ -410,8 +412,8 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
             "init": init_from or "seed",
             "metrics": result.metrics,
             "seconds": round(time.time() - t0, 1),
-        },
             "frozen_cache": frozen_kept,
+        },
         "job": job,
     }
     state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]

@@ -164,6 +164,8 @@ MIGRATIONS.append(
     )
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: Meta key counting forgets that emptied the frozen-prefix cache (Store.frozen_cache_epoch).
+FROZEN_EPOCH_KEY = "frozen_cache.epoch"
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
 #: How long a review question stays open, and how many open ones are kept (the least
@@ -564,6 +566,8 @@ class Store:
         try:
             c.execute("BEGIN IMMEDIATE")
             n = c.execute(sql, args).rowcount
+            if n:  # the frozen-prefix cache holds activations of the forgotten text too
+                self._forget_frozen(c)
             self.audit(
                 "forget",
                 {
@@ -684,8 +688,6 @@ class Store:
         cur.close()
         return {
             "events": out,
-        # The frozen-prefix cache holds activations of the forgotten text too: empty it.
-        c.execute("DELETE FROM frozen_cache")
             "next": last_seq if more else None,
             "total": total,
             "scanned": scanned,
@@ -1219,6 +1221,22 @@ class Store:
                 evicted += len(drop)
             n = int(c.execute("SELECT COUNT(*) FROM frozen_cache").fetchone()[0])
         return {"rows": n, "bytes": total, "added": len(entries), "evicted": evicted}
+
+    def frozen_cache_epoch(self) -> int:
+        """How many forgets emptied the cache, ever: a run reads it before it reads the
+        events and keeps nothing if it changed by the end (its activations may hold
+        forgotten text)."""
+        return int(self.get_meta(FROZEN_EPOCH_KEY, 0))
+
+    def _forget_frozen(self, c: sqlite.Connection) -> None:
+        """Inside a forget's transaction: empty the frozen-prefix cache (a row cannot be
+        traced back to its events cheaply) and count it (:meth:`frozen_cache_epoch`)."""
+        c.execute("DELETE FROM frozen_cache")
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE "
+            "SET value = CAST(value AS INTEGER) + 1",
+            (FROZEN_EPOCH_KEY,),
+        )
 
     def frozen_cache_stats(self) -> dict[str, int]:
         """``{rows, bytes}`` of the frozen-prefix cache."""
