@@ -50,4 +50,5 @@ def test_cli_rerank_without_model(palate_daemon: DaemonProc, tmp_path: object) -
     bad = Path(str(tmp_path)) / "bad.jsonl"
     bad.write_text('"ok"\n{oops\n')
     r = palate_daemon.cli("rerank", "prompt", "--candidates", str(bad))
-    assert r.returncode == EXIT_CODES["invalid_request"] and "bad.jsonl:2" in r.stderr
+    # an unusable candidates file is a usage mistake: exit 2 with click's message (issue 20)
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
