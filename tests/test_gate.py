@@ -443,3 +443,61 @@ def test_probe_categories_are_reported_weakest_first_with_the_ensembles_doubt() 
     assert info.status == "info" and info.on_fail == "none" and info.value == 0.25
     assert info.message.index("sycophancy 25") < info.message.index("easy 100")
     assert "disagree most on: sycophancy (spread 1.70)" in info.message
+
+
+# -- killed mutants (docs/reliability.md, mutation testing) -------------------------------
+
+
+def test_holm_by_hand() -> None:
+    from palate.evaluation.gate import _holm
+
+    # Sorted p = 0.01, 0.04, 0.045 over m = 3: 3 * 0.01, max(0.03, 2 * 0.04), max(0.08, 0.045).
+    assert _holm([0.01, 0.04, 0.045]) == pytest.approx([0.03, 0.08, 0.08])
+    assert _holm([0.04, 0.01]) == pytest.approx([0.04, 0.02])  # order of the input kept
+    assert _holm([0.6, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert _holm([]) == []
+
+
+def test_checks_record_their_value_and_threshold() -> None:
+    """The registry keeps each check's number and bound (the report and `palate models`
+    show them), not only the sentence."""
+    d = decide(metrics(acc=0.75, longer=0.5, shorter=0.45), None, GatePolicy())
+    assert (check(d, "accuracy_floor").value, check(d, "accuracy_floor").threshold) == (
+        0.75,
+        0.55,
+    )
+    above = check(d, "above_chance")
+    assert above.value == pytest.approx(_stats(200, 0.75)["ci_low"]) and above.threshold == 0.5
+    base = check(d, "beats_baselines")
+    assert base.value == pytest.approx(0.25) and base.threshold == 0.05
+    sus = check(d, "suspicious_accuracy")
+    assert (sus.value, sus.threshold) == (0.75, 0.98)
+    m = evaluate([], ratings(300, 1.5), probes=PROBES)
+    r = decide(m, None, GatePolicy())
+    rc = check(r, "rating_above_chance")
+    assert rc.value == m["ratings"]["ci_low"] and rc.threshold == 0.5
+    rb = check(r, "rating_beats_length")
+    assert rb.value == pytest.approx(m["ratings"]["auc"] - m["ratings"]["length_auc"])
+    assert rb.threshold == 0.02
+    assert "95% CI of the difference" in rb.message and "95% CI" in rc.message
+
+
+def test_thresholds_are_inclusive_where_documented() -> None:
+    # Exactly at the suspicious bound holds ("at or above").
+    at = decide(metrics(acc=0.98, lc=(100, 0.98, 100, 0.98)), None, GatePolicy())
+    assert check(at, "suspicious_accuracy").status == "fail"
+    # An AUC whose lower bound is exactly 0.5 is not above chance.
+    m = evaluate([], ratings(300, 1.5), probes=PROBES)
+    m["ratings"]["ci_low"] = 0.5
+    assert check(decide(m, None, GatePolicy()), "rating_above_chance").status == "fail"
+    # The accuracy comparison's message carries its interval.
+    cand = with_deployed(metrics(acc=0.70), dep_acc=0.75, lower=-0.08)
+    c = check(decide(cand, metrics(acc=0.75), GatePolicy()), "no_regression")
+    assert "; 95% CI -9.0 pts to " in c.message
+
+
+def test_slice_labels() -> None:
+    from palate.evaluation.gate import _slice_label
+
+    assert _slice_label("length:chosen_longer") == "pairs where the chosen response is longer"
+    assert _slice_label("source:a:b") == "source 'a:b'"  # a name may hold a colon
