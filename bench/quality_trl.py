@@ -60,6 +60,13 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, num_labels=1, dtype=torch.float32
     )
+    # transformers dequantizes a GGUF to plain fp32 tensors on load but still flags the model
+    # as "GGUF-quantized", which Trainer refuses to train: the weights are fp32, drop the flag.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
