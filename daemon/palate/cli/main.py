@@ -89,6 +89,10 @@ def status(as_json: bool) -> None:
             f"up {_duration(d['daemon']['uptime_s'])}"
         )
         click.echo(f"socket   {d['daemon']['socket']}")
+        if d.get("paused"):  # the collection pause (`palate pause`)
+            from palate.cli.pause import paused_line
+
+            click.echo(paused_line(d["paused"]))
         click.echo(f"events   {ev['total']} total")
         for kind, n in sorted(ev["by_kind"].items()):
             click.echo(f"           {kind:<8} {n}")
@@ -246,6 +250,9 @@ cli.add_command(adapters_group)
 cli.add_command(browser_group)
 cli.add_command(service_group)
 cli.add_command(review_group)
+# The collection pause (palate.cli.pause): `palate pause [--for DURATION]`, `palate resume`.
+for _pause_cmd in ("pause", "resume"):
+    cli.add_command(getattr(importlib.import_module("palate.cli.pause"), _pause_cmd))
 cli.add_command(schedule_command)
 cli.add_command(ui_command)
 cli.add_command(federate_group)

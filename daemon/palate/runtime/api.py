@@ -682,6 +682,23 @@ class Api:
             ) from None
         return t
 
+    @classmethod
+    def _check_prompt(cls, params: Mapping[str, Any]) -> str:
+        """The prompt of ``score``/``rerank``/``compare``: a text like any other, and not
+        empty or blank, by exactly the rule event validation applies to feedback
+        (``events._check_text``: ``not value.strip()``). A preference about no prompt could not
+        be stored as feedback, so the model never learned one, and its score would mean nothing.
+        """
+        prompt = cls._check_text(_param(params, "prompt", str, required=True), "prompt")
+        if not prompt.strip():
+            raise PalateError(
+                "invalid_request",
+                "prompt must not be empty or blank: a preference is about an answer to a prompt "
+                "(ingest rejects feedback without one for the same reason)",
+                {"param": "prompt"},
+            )
+        return prompt
+
     async def _score(
         self, params: Mapping[str, Any], prompt: str, texts: list[str]
     ) -> tuple[Any, Any]:
@@ -694,7 +711,7 @@ class Api:
     async def score(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Raw and normalised scores of each response, with the version that scored them."""
         _no_extra(params, {"prompt", "responses", "timeout_ms"})
-        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        prompt = self._check_prompt(params)
         responses = self._texts(params, "responses", 1)
         model, res = await self._score(params, prompt, responses)
         return {
@@ -713,7 +730,7 @@ class Api:
         _no_extra(
             params, {"prompt", "candidates", "top_k", "timeout_ms", "lower_bound", "remember"}
         )
-        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        prompt = self._check_prompt(params)
         cands = self._texts(params, "candidates", 1)
         top_k = _param(params, "top_k", int)
         if top_k is not None and top_k < 1:
@@ -734,14 +751,16 @@ class Api:
         p_best = softmax([r / t for r in res.raw])
         order = sorted(range(len(cands)), key=lambda i: (-key[i], i))
         agree = 1.0
+        # One candidate has no runner-up: no probability of beating one, and nothing to be
+        # confident about (issue 20 item 8; `agreement` stays 1.0, there is nothing to split on).
+        p_top: float | None = None
+        separate = False
         if len(order) > 1:
             top, nxt = order[0], order[1]
             p_top = 1.0 / (1.0 + math.exp(-_clip((res.raw[top] - res.raw[nxt]) / t)))
             _, p_mean, votes = pair_information(members[top], members[nxt], t)
             agree = agreement(votes, p_mean)
             separate = bounds_separate(res.raw[top], unc[top], res.raw[nxt], unc[nxt])
-        else:
-            p_top, separate = 1.0, True
         ranked = [
             {
                 "index": i,
@@ -760,7 +779,7 @@ class Api:
             "z": res.z,
             "p_best": p_best,
             "p_top_over_next": p_top,
-            "confident": p_top >= CONFIDENT_P and separate,
+            "confident": p_top is not None and p_top >= CONFIDENT_P and separate,
             "ranked": ranked,
             "truncated": res.truncated,
             "uncertainty": unc,
@@ -777,7 +796,7 @@ class Api:
     async def compare(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """p(a preferred over b) = sigmoid((r_a - r_b) / T), with the members' view of it."""
         _no_extra(params, {"prompt", "a", "b", "timeout_ms", "remember"})
-        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        prompt = self._check_prompt(params)
         a = self._check_text(_param(params, "a", str, required=True), "a")
         b = self._check_text(_param(params, "b", str, required=True), "b")
         remember = bool(_param(params, "remember", bool))
