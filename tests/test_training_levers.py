@@ -7,6 +7,7 @@ from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
+import dataclasses  # noqa: E402
 import random  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -136,3 +137,8 @@ def test_early_stopping_keeps_the_best_checkpoint() -> None:
     # The validation events name the best step; the last one says why it stopped.
     notes = [e.message for e in events if e.phase == "validate"]
     assert f"best step {m['best_step']}" in notes[-1] and "stopping" in notes[-1]
+    # Never before min_steps (a small data set's first passes), best checkpoint kept still.
+    floor = m["steps"] + 10
+    late = train_reward_model(data, dataclasses.replace(cfg, min_steps=floor), base=tiny_base())
+    assert late.metrics["steps"] >= floor
+    assert late.metrics["calibration_loss"] == pytest.approx(late.metrics["val_loss"], rel=1e-5)

@@ -724,7 +724,10 @@ def train_reward_model(
             bad_evals = 0
         else:
             bad_evals += 1
-        stop = config.patience > 0 and bad_evals >= config.patience
+        # Not before min_steps: small data sets validate every (short) epoch, and patience
+        # counted in epochs of 7 steps would stop a first week's model before it learnt
+        # anything; the best checkpoint is kept either way.
+        stop = config.patience > 0 and bad_evals >= config.patience and step >= config.min_steps
         note = f"best step {best[1]} (val loss {best[0]:.4f})"
         if stop:
             note += f"; stopping: {bad_evals} validations without improvement"
