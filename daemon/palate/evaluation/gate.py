@@ -693,7 +693,9 @@ def decide(
     ratings_judged, r_msg = _ratings_enough(candidate, p)
     enough = status.enough or ratings_judged  # min_heldout_pairs = 0: never hold for data
     message = status.message
-    if candidate.get("n_ratings") or not status.enough:
+    if ratings_judged and not status.enough:  # judged on the ratings: say that first
+        message = f"{r_msg} Pairs: {n} held out, {p.min_heldout_pairs} needed to judge them."
+    elif candidate.get("n_ratings") or not status.enough:
         message += " " + r_msg
     checks: list[Check] = [
         Check(
