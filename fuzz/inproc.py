@@ -38,11 +38,14 @@ from palate.wire import protocol
 #: Methods that answer ``unavailable`` in-process when their params are valid.
 DETACHED = frozenset({"train", "score", "rerank", "compare"})
 #: Per-input bounds: wall time, and Python heap growth (tracemalloc peak) per input byte
-#: on top of a fixed allowance. The largest legitimate blow-up is msgpack's: an empty
-#: container is one byte on the wire and ~60-200 bytes as a Python object.
+#: on top of a fixed allowance. Strings decode to about their size and the decoder holds
+#: the bytes twice (scanner and decoder); containers, ~70 bytes each for one byte on the
+#: wire, are capped per message in absolute terms (protocol.MAX_DECODED_ELEMENTS, ~10 MiB),
+#: which the fixed allowance covers. 400 bytes per byte let a 4 MiB message decode to
+#: 255 MiB unnoticed (issue 14); tests/security/test_decoded_size.py runs that input here.
 TIME_LIMIT_S = 10.0
 MEM_BASE = 16 * 1024 * 1024
-MEM_PER_BYTE = 400
+MEM_PER_BYTE = 32
 
 
 class Violation(AssertionError):

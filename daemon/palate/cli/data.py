@@ -178,11 +178,30 @@ def export(out: Path, overwrite: bool, as_json: bool) -> None:
             raise PalateError(
                 "conflict", f"{out.absolute()} already exists; pass --overwrite to replace it"
             ) from e
+    _warn_if_shared(out.absolute().parent)
     emit(
         {"path": str(out.absolute()), "count": n},
         as_json,
         lambda d: click.echo(f"exported {d['count']} events to {d['path']}"),
     )
+
+
+def _warn_if_shared(directory: Path) -> None:
+    """The export is 0600 and written through a private temp file, so other users cannot read
+    it; in a directory they can write to they can still delete or rename it. Say so."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid != os.getuid():
+        click.echo(
+            f"note: other users can write to {directory}; they cannot read the export (it is "
+            "0600), but they can delete or rename it. A private directory is safer.",
+            err=True,
+        )
 
 
 @click.command()

@@ -67,6 +67,8 @@ def daemon(log_level: str | None) -> None:
     from palate.runtime.daemon import run_daemon
 
     try:
+        if keys.interactive():  # `make run` in a terminal: offer the recovery kit first
+            keys.recovery_walkthrough(resolve())
         run_daemon(log_level=log_level)
     except PalateError as e:
         fail(e)
@@ -108,6 +110,7 @@ def status(as_json: bool) -> None:
         open_q = (d.get("review") or {}).get("open")
         if open_q:
             click.echo(f"review   {open_q} open question(s): `palate review list`")
+        click.echo(f"recovery {keys.RECOVERY_TEXT.get(d['key'].get('recovery', ''), '?')}")
         for line in _model_training_schedule(d, listing or {}):
             click.echo(line)
         if not d.get("adapters"):

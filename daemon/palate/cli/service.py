@@ -63,6 +63,12 @@ def service() -> None:
 def install(dry_run: bool, as_json: bool) -> None:
     """Install (or update) the login service and start the daemon."""
     try:
+        if not dry_run and not as_json:
+            from palate.cli.keys import interactive, recovery_walkthrough
+            from palate.paths import resolve
+
+            if interactive():  # before the daemon starts: it then uses the key made here
+                recovery_walkthrough(resolve())
         m = make_manager()
         report: Report = m.dry_run() if dry_run else m.install()
     except PalateError as e:

@@ -413,15 +413,23 @@ class Api:
         }
         # Review questions hold user text too: they go first, so forget's VACUUM wipes them.
         await self.writer.call(lambda s: s.forget_review(**selector))
-        n = await self.writer.call(
-            lambda s: s.forget(
-                ids=list(ids) if ids is not None else None,
-                source=source,
-                since=None if since is None else float(since),
-                until=None if until is None else float(until),
-                everything=everything,
+        try:
+            n = await self.writer.call(
+                lambda s: s.forget(
+                    ids=list(ids) if ids is not None else None,
+                    source=source,
+                    since=None if since is None else float(since),
+                    until=None if until is None else float(until),
+                    everything=everything,
+                )
             )
-        )
+        finally:
+            # Forget may have replaced a deployed model trained on the forgotten events with
+            # an earlier one (Store.forget): serve that one now, even if the purge failed.
+            loaded = self.serving.status()["version"] if self.serving else None
+            deployed = await self.writer.call(lambda s: s.deployed_version())
+            if loaded is not None and deployed is not None and deployed != loaded:
+                await self._deployed(deployed)
         return {"deleted": n}
 
     async def export(self, params: Mapping[str, Any]) -> dict[str, Any]:

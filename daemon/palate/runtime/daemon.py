@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from palate import __version__
 from palate.config import Config, load_config
@@ -32,7 +32,7 @@ from palate.runtime.server import Server
 from palate.runtime.serving import ScoringService, store_loader
 from palate.runtime.supervisor import Supervisor
 from palate.store.database import Store, check_key
-from palate.store.keys import KeyManager, zero
+from palate.store.keys import NO_RECOVERY_WARNING, KeyManager, protect_process, zero
 from palate.store.writer import StoreWriter
 
 log = logging.getLogger("palate")
@@ -50,39 +50,52 @@ class DaemonLock:
 
     The kernel drops the lock when the process dies, even by kill -9, so a stale
     socket file left behind is detected as stale (lock free) and replaced.
+
+    The daemon takes two: :func:`data_lock`, next to the database, is what keeps two
+    daemons (or a daemon and ``palate key rotate --rekey``) off one database whatever
+    their environment says (the run dir depends on ``XDG_RUNTIME_DIR``); the one in the run
+    dir guards the socket there, so a daemon never unlinks a socket another one serves.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str = "this home") -> None:
         self.path = path
-        self._fh: IO[str] | None = None
+        self.what = what
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held until release()
-        os.chmod(self.path, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            fh.close()
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            finally:
+                os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise PalateError(
                     "conflict",
-                    f"another Palate daemon (pid {holder}) already runs for this home; "
+                    f"another Palate process (pid {holder}) already runs for {self.what}; "
                     f"stop it first (kill {holder})",
                     {"pid": holder},
                 ) from None
             raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
+        # The pid is only for the message above (unbuffered, so nothing is left to flush at
+        # close): a full disk must not stop the start here.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        self._fd = fd
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def data_lock(paths: Paths) -> DaemonLock:
+    """The lock beside the database: one process at a time may own the data."""
+    return DaemonLock(paths.data_dir / "daemon.lock", f"the data in {paths.data_dir}")
 
 
 def setup_logging(paths: Paths, level: str, *, stderr: bool = True) -> None:
@@ -113,12 +126,16 @@ def open_store(paths: Paths, config: Config) -> tuple[Store, KeyManager]:
     """Unwrap (or, for a new home, create) the key and open the store with it."""
     keys = KeyManager(paths, config.key_backend)
     if keys.exists():
+        if paths.db_file.exists():
+            # A rekey interrupted by a crash: finish it or undo it (we hold the data lock).
+            keys.settle(lambda dek: check_key(paths.db_file, dek))
         dek = keys.unwrap()
     elif paths.db_file.exists():
         raise PalateError(
             "key_error",
             f"the database {paths.db_file} exists but its key file {paths.key_file} is missing; "
-            "restore key.json from a backup. No new key was created.",
+            "run `palate key recover` with your recovery kit (or restore key.json from a "
+            "backup). No new key was created.",
         )
     else:
         dek = keys.create()
@@ -146,6 +163,8 @@ class Daemon:
         status = keys.status()
         if status.warning:
             log.warning("%s", status.warning)
+        if status.recovery == "none":
+            log.warning("%s", NO_RECOVERY_WARNING)
         api = Api(writer, keys.status, self.paths.socket)
         await api.load_pause()
         with contextlib.suppress(FileNotFoundError):
@@ -252,10 +271,15 @@ def run_daemon(home: Path | None = None, *, log_level: str | None = None) -> Non
     paths.use_private_tmp()
     config = load_config(paths)
     setup_logging(paths, log_level or config.log_level)
-    lock = DaemonLock(paths.lock_file)
-    lock.acquire()
+    # This process will hold the data key: no core dumps, no debugger attach.
+    log.info("key memory protection: %s", ", ".join(protect_process()) or "none available")
+    owner = data_lock(paths)
+    owner.acquire()
+    lock = DaemonLock(paths.lock_file, f"the socket directory {paths.run_dir}")
     try:
         ensure_private_dir(paths.socket.parent)
+        lock.acquire()
         asyncio.run(Daemon(paths, config).run())
     finally:
         lock.release()
+        owner.release()

@@ -28,6 +28,9 @@ from palate.wire import protocol
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+#: Closing is bounded: after our last message, at most this long to let the peer read it and
+#: to discard what it still sends; then the socket is dropped even with unsent data in it.
+CLOSE_GRACE_S = 2.0
 #: Methods whose work is pointless once the client hung up (reads, not writes: an ingest
 #: that may have committed must still be answered if the peer is there).
 CANCEL_ON_HANGUP = frozenset({"score", "rerank", "compare"})
@@ -65,25 +68,47 @@ def peer_pid(sock: socket.socket) -> int:
     return -1
 
 
-async def graceful_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Close so that our last message (an error) reaches the peer.
+def abort(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection now: unsent data is discarded and the socket closed at once."""
+    transport = getattr(writer, "transport", None)
+    if transport is not None:
+        transport.abort()
+    else:  # a stand-in writer (fuzz/inproc.py)
+        writer.close()
+
+
+async def graceful_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, grace_s: float = CLOSE_GRACE_S
+) -> None:
+    """Close so that our last message (an error) reaches the peer, within ``grace_s``.
 
     Closing a Unix socket with unread input makes the kernel reset the connection,
     and the peer may then lose the error we just sent. So: half-close our side,
-    discard what the peer still sends (bounded in bytes and time), then close.
+    discard what the peer still sends (bounded in bytes), then close. The whole of it is
+    bounded in time too: a peer that trickles bytes, or never reads what we sent (so the
+    close would wait for ever to flush), has its socket dropped when ``grace_s`` is up.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
     with contextlib.suppress(Exception):
         if writer.can_write_eof():
             writer.write_eof()
         discarded = 0
         while discarded < protocol.MAX_FRAME_BYTES:
-            chunk = await asyncio.wait_for(reader.read(READ_CHUNK), 1.0)
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            chunk = await asyncio.wait_for(reader.read(READ_CHUNK), min(1.0, left))
             if not chunk:
                 break
             discarded += len(chunk)
+    closed = False
     with contextlib.suppress(Exception):
         writer.close()
-        await writer.wait_closed()
+        await asyncio.wait_for(writer.wait_closed(), max(deadline - loop.time(), 0.05))
+        closed = True
+    if not closed:
+        abort(writer)
 
 
 class Connection:
@@ -100,7 +125,8 @@ class Connection:
         self.pid = pid  # the peer process, for the connection limit's fairness
         self.reader = reader
         self.writer = writer
-        self.unpacker = protocol.make_unpacker()
+        self.budget = protocol.DecodeBudget()
+        self.unpacker = protocol.make_unpacker(self.budget)
         # Finds where each message ends without building anything, so the decoder above only
         # ever runs on complete messages. Decoding as bytes arrive would keep every object of
         # an unfinished message alive (msgpack preallocates each declared array: a 3-byte
@@ -115,6 +141,7 @@ class Connection:
         self._last = 0.0  # loop time bytes last arrived
         self._evicted = False
         self._evict_reason = ""
+        self._stalled = False
         self._task: asyncio.Task[Any] | None = None
 
     def evict(self, reason: str) -> None:
@@ -124,13 +151,38 @@ class Connection:
         if self._task is not None:
             self._task.cancel()
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Write one message; a peer that does not read it within the send timeout
+        (``timeout``, else the server's) is dropped, with everything queued for it."""
         async with self._write_lock:
             if self.writer.is_closing():
                 return
             self.writer.write(data)
-            with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+            try:
+                await asyncio.wait_for(
+                    self.writer.drain(),
+                    self.server.send_timeout_s if timeout is None else timeout,
+                )
+            except ConnectionError:
+                pass
+            except asyncio.TimeoutError:
+                self.stall()
+
+    def stall(self) -> None:
+        """Drop a connection whose peer stopped reading its answers."""
+        if self._stalled:
+            return
+        self._stalled = True
+        self.server.stalled += 1
+        log.info(
+            "closing a connection that read none of its answers for %.0f s",
+            self.server.send_timeout_s,
+        )
+        abort(self.writer)
+        for task in list(self.tasks):
+            task.cancel()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,22 +194,28 @@ class Connection:
             # A connection waiting on its own slow answer (a long forget) is not idle.
             if self.tasks:
                 self._last = loop.time()
-            if loop.time() - self._last >= protocol.IDLE_TIMEOUT_S:
+            if loop.time() - self._last >= idle_s:
                 self._idle = True
                 if me is not None:
                     me.cancel()
             else:
-                self._timer = loop.call_at(self._last + protocol.IDLE_TIMEOUT_S, watchdog)
+                self._timer = loop.call_at(self._last + idle_s, watchdog)
 
-        self._timer = loop.call_later(protocol.IDLE_TIMEOUT_S, watchdog)
+        idle_s = self.server.idle_timeout_s
+        self._timer = loop.call_later(idle_s, watchdog)
         try:
             while True:
                 try:
                     data = await self.reader.read(READ_CHUNK)
                 except asyncio.CancelledError:
+                    if self._stalled:
+                        return
+                    # The farewell gets a short send timeout: an evicted or idle peer may be
+                    # one that does not read at all.
                     if self._evicted:
                         await self.send(
-                            protocol.connection_error(PalateError("busy", self._evict_reason))
+                            protocol.connection_error(PalateError("busy", self._evict_reason)),
+                            self.server.close_grace_s,
                         )
                         return
                     if not self._idle:
@@ -165,7 +223,8 @@ class Connection:
                     await self.send(
                         protocol.connection_error(
                             PalateError("invalid_request", "idle for too long; closing")
-                        )
+                        ),
+                        self.server.close_grace_s,
                     )
                     return
                 self._last = loop.time()
@@ -201,6 +260,7 @@ class Connection:
                     self.scanner.skip()
                 except msgpack.OutOfData:
                     return True  # the next message is not complete yet
+                self.budget.reset()
                 obj = self.unpacker.unpack()
             except msgpack.StackError:
                 await self._fatal("invalid_request", "message nested too deeply")
@@ -291,19 +351,34 @@ class Connection:
             task.cancel()  # nobody is left to read the scores: free the scorer's queue
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=10)
-        await graceful_close(self.reader, self.writer)
+        if self._stalled:
+            abort(self.writer)
+        else:
+            await graceful_close(self.reader, self.writer, self.server.close_grace_s)
 
 
 class Server:
     """The listening socket and the set of live connections."""
 
-    def __init__(self, api: Api, path: str) -> None:
+    def __init__(
+        self,
+        api: Api,
+        path: str,
+        *,
+        idle_timeout_s: float = protocol.IDLE_TIMEOUT_S,
+        send_timeout_s: float = protocol.SEND_TIMEOUT_S,
+        close_grace_s: float = CLOSE_GRACE_S,
+    ) -> None:
         self.api = api
         self.path = path
+        self.idle_timeout_s = idle_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.close_grace_s = close_grace_s
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self.refused = 0
         self.evicted = 0
+        self.stalled = 0
 
     async def start(self) -> None:
         old = os.umask(0o077)
@@ -331,6 +406,7 @@ class Server:
                 reader,
                 writer,
                 PalateError("unauthorized", "this Palate daemon belongs to another user"),
+                self.close_grace_s,
             )
             return
         pid = peer_pid(sock)
@@ -339,6 +415,7 @@ class Server:
                 reader,
                 writer,
                 PalateError("busy", f"too many connections (limit {protocol.MAX_CONNECTIONS})"),
+                self.close_grace_s,
             )
             return
         conn = Connection(self, reader, writer, pid)
@@ -380,12 +457,17 @@ class Server:
 
     @staticmethod
     async def _reject(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: PalateError
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        err: PalateError,
+        grace_s: float = CLOSE_GRACE_S,
     ) -> None:
+        """Send ``err`` and close, all within ``grace_s``: a refused peer (another user, one
+        over the limit) must not keep its socket by trickling bytes or by not reading."""
         with contextlib.suppress(Exception):
             writer.write(protocol.connection_error(err))
-            await writer.drain()
-        await graceful_close(reader, writer)
+            await asyncio.wait_for(writer.drain(), grace_s)
+        await graceful_close(reader, writer, grace_s)
 
     async def stop(self, timeout: float = 8.0) -> None:
         """Stop accepting, let in-flight requests finish, then drop connections."""

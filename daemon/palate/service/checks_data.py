@@ -15,7 +15,7 @@ from palate.errors import PalateError
 from palate.paths import MAX_SOCKET_PATH, Paths
 from palate.service.check import Check
 from palate.service.manager import Runner, subprocess_runner
-from palate.store.keys import KeyManager, keyring_available
+from palate.store.keys import KeyManager, keyring_info
 
 #: Below this much free space SQLite commits and checkpoints start failing (storage_full).
 DISK_FAIL_BYTES = 512 * 1024**2
@@ -26,30 +26,53 @@ DISK_WARN_BYTES = 2 * 1024**3
 
 
 def _keychain(paths: Paths) -> Check:
-    ok, detail = keyring_available()
+    """The data key: where its KEK lives, and above all whether a recovery kit exists."""
+    info = keyring_info()
+    km = KeyManager.for_home(paths)
     try:
-        status = KeyManager.for_home(paths).status()
+        status = km.status()
     except PalateError as e:
-        return Check("key", "fail", e.message, "restore key.json or run `palate key recover`")
-    if status.backend == "file":
+        fix = "`palate key recover` < your recovery kit (or restore key.json)"
+        return Check("key", "fail", e.message, fix)
+    if not km.exists():
         return Check(
             "key",
             "warn",
-            f"key backend: file ({status.warning})",
-            "install and unlock a keychain, then `palate key rotate --backend keyring`",
+            f"no data key yet (the daemon makes one at its first start; backend {status.backend})",
+            "start the daemon (`palate service install`), then `palate key recovery-export`",
         )
-    if not ok:
+    where = "keychain entry" if status.backend == "keyring" else "key file"
+    if status.recovery == "none":
         return Check(
             "key",
             "fail",
-            f"key backend: keyring, but {detail}",
-            "unlock/start your keychain, or `palate key recover` with your recovery key",
+            f"no recovery kit: if the {where} or key.json is lost, every event is lost "
+            f"(key backend: {status.backend})",
+            "`palate key recovery-export`, keep the kit offline, then "
+            "`palate key recovery-confirm` < kit-file",
         )
-    rec = "" if status.has_recovery else " (no recovery key exported yet)"
-    fix = "" if status.has_recovery else "run `palate key recovery-export` and keep it safe"
-    return Check(
-        "key", "ok" if status.has_recovery else "warn", f"key backend: keyring ({detail}){rec}", fix
-    )
+    if status.backend == "keyring" and not info.usable:
+        return Check(
+            "key",
+            "fail",
+            f"key backend: keyring, but {info.detail}",
+            "unlock/start your keychain, or `palate key recover` < your recovery kit",
+        )
+    if status.warning:
+        return Check(
+            "key",
+            "warn",
+            f"key backend: {status.backend} ({status.warning})",
+            "install and unlock a keychain, then `palate key rotate --backend keyring`",
+        )
+    if status.recovery == "unconfirmed":
+        return Check(
+            "key",
+            "warn",
+            f"key backend: keyring ({info.detail}); recovery kit exported but not confirmed",
+            "`palate key recovery-confirm` < kit-file (checks the copy you kept)",
+        )
+    return Check("key", "ok", f"key backend: keyring ({info.detail}); recovery kit confirmed")
 
 
 def _permissions(paths: Paths) -> Check:
@@ -109,10 +132,17 @@ ERR_AUTH_FAILED = -25293
 ERR_NO_SUCH_KEYCHAIN = -25294
 
 
-def classify_keychain(text: str, returncode: int = 1) -> Check:
-    """Map ``security show-keychain-info`` (or a keyring error) to a check."""
+def classify_keychain(text: str, returncode: int = 1, recovery: str = "none") -> Check:
+    """Map ``security show-keychain-info`` (or a keyring error) to a check.
+
+    ``recovery`` is the state of the recovery kit: advice that would destroy or abandon the
+    keychain entry holding Palate's key (resetting the default keychains, making a new one)
+    is given only when a confirmed kit can bring the data back; otherwise the advice keeps
+    the existing keychain.
+    """
     low = text.lower()
     codes = {int(c) for c in re.findall(r"-25\d\d\d", text)}
+    kit = recovery == "confirmed"
     if returncode == 0:
         return Check("keychain", "ok", f"default keychain is unlocked ({text.strip()[:120]})")
     if ERR_INTERACTION_NOT_ALLOWED in codes or "user interaction is not allowed" in low:
@@ -126,20 +156,34 @@ def classify_keychain(text: str, returncode: int = 1) -> Check:
             "or log in at the Mac; then `palate service restart`",
         )
     if ERR_NO_SUCH_KEYCHAIN in codes or "could not be found" in low:
-        return Check(
-            "keychain",
-            "fail",
-            "no login keychain found",
-            "open Keychain Access and create/reset the login keychain, or use the file "
-            "backend: `palate key rotate --backend file`",
-        )
+        if kit:
+            fix = (
+                "Keychain Access › File › New Keychain (make it the default), then "
+                "`palate key recover` < your recovery kit"
+            )
+        else:
+            fix = (
+                "restore ~/Library/Keychains/login.keychain-db from a backup (Time Machine): "
+                "Palate's key is in it and you have no confirmed recovery kit; once the key "
+                "works again, `palate key recovery-export`"
+            )
+        return Check("keychain", "fail", "no login keychain found", fix)
     if ERR_AUTH_FAILED in codes:
-        return Check(
-            "keychain",
-            "fail",
-            "the login keychain password does not match your login password",
-            "Keychain Access › Settings › Reset Default Keychains (or update its password)",
-        )
+        if kit:
+            fix = (
+                "update the login keychain's password (Keychain Access › Edit › Change "
+                'Password for Keychain "login"); or reset it and then `palate key recover` '
+                "< your recovery kit (resetting deletes the key in it)"
+            )
+        else:
+            fix = (
+                "do NOT reset your default keychains: that deletes Palate's key and you have "
+                "no confirmed recovery kit. Change the login keychain's password to your "
+                "login password instead (Keychain Access › Edit › Change Password for "
+                'Keychain "login", with the old one), then `palate key recovery-export`'
+            )
+        what = "the login keychain password does not match your login password"
+        return Check("keychain", "fail", what, fix)
     return Check("keychain", "warn", f"keychain state unclear: {text.strip()[:200]}")
 
 
@@ -150,4 +194,8 @@ def keychain_lock_check(
     if platform != "darwin":
         return Check("keychain", "ok", "not macOS: no login keychain to unlock")
     r = runner(["security", "show-keychain-info"], capture=True, timeout=10)
-    return classify_keychain(r.stdout + r.stderr, r.returncode)
+    try:
+        recovery = KeyManager.for_home(paths).status().recovery
+    except PalateError:
+        recovery = "none"
+    return classify_keychain(r.stdout + r.stderr, r.returncode, recovery)

@@ -14,11 +14,13 @@ This class is synchronous and not thread-safe: exactly one thread (the daemon's
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from palate.events import CONTENT_FIELDS, CONTEXT_KEYS
 
 log = logging.getLogger(__name__)
 
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
 SQLITE_FULL = 13
 SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
@@ -166,6 +170,12 @@ MIGRATIONS.append(
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 #: Meta key counting forgets that emptied the frozen-prefix cache (Store.frozen_cache_epoch).
 FROZEN_EPOCH_KEY = "frozen_cache.epoch"
+#: Meta keys forget maintains: the scheduler's new-events watermark (runtime.scheduler's
+#: K_TRAINED_SEQ; reset to queue a retrain) and a counter of forgets that deleted something.
+RETRAIN_WATERMARK_KEY = "schedule.trained_seq"
+FORGET_COUNT_KEY = "forget.count"
+#: How long forget waits for other readers to let go of old page images (see Store.purge).
+FORGET_PURGE_WAIT_S = 30.0
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
 #: How long a review question stays open, and how many open ones are kept (the least
@@ -327,6 +337,15 @@ def storage_error(e: BaseException, action: str, path: Path | None = None) -> Pa
             "storage_full",
             f"out of disk space ({why}); {action} was not done. Free some space and retry.",
             {"cause": str(e)},
+        )
+    if primary in (SQLITE_BUSY, SQLITE_LOCKED):
+        # Another connection (a training run registering its model) held the write lock
+        # past busy_timeout: nothing was written, and a retry will do it.
+        return PalateError(
+            "busy",
+            f"the database is busy (another process is writing); {action} was not done. "
+            "Retry shortly.",
+            {"retryable": True},
         )
     if primary in (SQLITE_NOTADB, SQLITE_CORRUPT):
         return PalateError(
@@ -536,8 +555,18 @@ class Store:
         since: float | None = None,
         until: float | None = None,
         everything: bool = False,
+        purge_wait_s: float | None = None,
     ) -> int:
-        """Delete matching events for real: secure_delete, VACUUM, WAL truncate.
+        """Delete matching events for real: secure_delete, VACUUM, WAL truncate, checked.
+
+        In the same transaction as the delete, every model whose training data may hold a
+        deleted event is flagged (``meta.forgotten``); if the deployed one is, the newest
+        earlier deployed version that is not flagged is deployed instead, and a retrain
+        without the deleted events is queued (the scheduler's watermark is reset, so every
+        remaining event counts as new). Then :meth:`purge` rewrites the file and empties the
+        WAL, waiting up to ``purge_wait_s`` for other readers; if they do not let go it
+        raises ``busy``: the events are deleted, but their text may still be on disk until
+        the same forget is run again.
 
         Adapter cursors are kept on purpose: dropping them would make an adapter
         re-import the very feedback the user just asked to forget.
@@ -561,13 +590,18 @@ class Store:
                 raise PalateError(
                     "invalid_request", "forget needs ids, source, since/until, or all"
                 )
-        sql = "DELETE FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        cond = " WHERE " + " AND ".join(where) if where else ""
         c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")
-            n = c.execute(sql, args).rowcount
-            if n:  # the frozen-prefix cache holds activations of the forgotten text too
-                self._forget_frozen(c)
+            first_seq, first_received = c.execute(
+                f"SELECT min(seq), min(received) FROM events{cond}", args
+            ).fetchone()
+            n = c.execute("DELETE FROM events" + cond, args).rowcount
+            flagged: list[int] = []
+            redeployed = None
+            if n:
+                flagged, redeployed = self._after_forget(n, first_seq, first_received)
             self.audit(
                 "forget",
                 {
@@ -577,20 +611,134 @@ class Store:
                     "source": source,
                     "since": since,
                     "until": until,
+                    "models_flagged": flagged,
+                    "redeployed": redeployed,
                 },
             )
             c.execute("COMMIT")
-            # VACUUM rewrites the file without the freed pages; the checkpoint then
-            # empties the WAL, which may still hold pre-delete page images.
-            c.execute("VACUUM")
-            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except BaseException as e:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             if isinstance(e, sqlite.Error):
                 raise storage_error(e, "forget", self.path) from e
             raise
+        try:
+            self.purge(FORGET_PURGE_WAIT_S if purge_wait_s is None else purge_wait_s)
+        except PalateError as e:
+            e.details["deleted"] = n
+            raise
         return n
+
+    def _after_forget(
+        self, n: int, first_seq: int, first_received: float
+    ) -> tuple[list[int], int | None]:
+        """Inside forget's transaction: flag the models the deleted events may have trained,
+        swap out a flagged deployed model, queue a retrain. Returns (flagged, redeployed)."""
+        c = self._conn
+        now = time.time()
+        flagged = []
+        for version, created, meta_text in c.execute(
+            "SELECT version, created, meta FROM models"
+        ).fetchall():
+            meta = json.loads(meta_text)
+            seq = (meta.get("training") or {}).get("data_seq")
+            # A run records the newest event it read; older models only have their
+            # registration time, which is conservative (it may flag one that did not see it).
+            hit = seq >= first_seq if isinstance(seq, int) else created >= first_received
+            if not hit:
+                continue
+            mark = dict(meta.get("forgotten") or {})
+            mark["events"] = int(mark.get("events", 0)) + n
+            mark["ts"] = now
+            meta["forgotten"] = mark
+            c.execute(
+                "UPDATE models SET meta = ? WHERE version = ?",
+                (json.dumps(meta, sort_keys=True), version),
+            )
+            flagged.append(int(version))
+        redeployed = None
+        deployed = self.deployed_version()
+        if deployed in flagged:
+            row = c.execute(
+                "SELECT m.version FROM models m WHERE m.version < ? AND m.version IN "
+                "(SELECT version FROM deployments) AND json_extract(m.meta, '$.forgotten') "
+                "IS NULL ORDER BY m.version DESC LIMIT 1",
+                (deployed,),
+            ).fetchone()
+            if row is not None:
+                redeployed = int(row[0])
+                c.execute("UPDATE models SET state = 'retired' WHERE state = 'deployed'")
+                c.execute("UPDATE models SET state = 'deployed' WHERE version = ?", (redeployed,))
+                c.execute(
+                    "INSERT INTO deployments (ts, version, previous, how, reason) "
+                    "VALUES (?, ?, ?, 'forget', ?)",
+                    (
+                        now,
+                        redeployed,
+                        deployed,
+                        f"version {deployed} was trained on forgotten events",
+                    ),
+                )
+        if flagged:
+            # The scheduler trains when enough events are new since its watermark: from 0,
+            # every remaining event is new, so the next nightly run retrains without these.
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?, '0') ON CONFLICT(key) DO UPDATE "
+                "SET value = '0'",
+                (RETRAIN_WATERMARK_KEY,),
+            )
+        # The frozen-prefix cache holds activations of the forgotten text too: empty it.
+        self._forget_frozen(c)
+        # A training run that read events before this forget must not register its model.
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE "
+            "SET value = CAST(value AS INTEGER) + 1",
+            (FORGET_COUNT_KEY,),
+        )
+        return flagged, redeployed
+
+    def forget_count(self) -> int:
+        """How many forgets deleted something, ever: a training run compares it at the start
+        and when it registers (see :meth:`add_model`)."""
+        return int(self.get_meta(FORGET_COUNT_KEY, 0))
+
+    def purge(self, wait_s: float = 30.0) -> None:
+        """Rewrite the database without freed pages (VACUUM) and empty the WAL; raise
+        ``busy`` unless both happened.
+
+        VACUUM builds its copy in a temporary database (encrypted with the same key by
+        SQLCipher, in the private TMPDIR), not in memory: ``temp_store`` is FILE for it, so
+        memory does not grow with the database. The WAL checkpoint must then report that
+        every frame was copied back and the WAL truncated; another connection reading an
+        older snapshot (a training run, a read-only probe) keeps page images of the deleted
+        rows alive, so it is retried until ``wait_s`` has passed.
+        """
+        c = self._conn
+        try:
+            c.execute("PRAGMA temp_store = FILE")
+            try:
+                c.execute("VACUUM")
+            finally:
+                c.execute("PRAGMA temp_store = MEMORY")
+            deadline = time.monotonic() + wait_s
+            while True:
+                busy, frames, done = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if busy == 0 and frames == done:
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except sqlite.Error as e:
+            err = storage_error(e, "purging deleted events from the database file", self.path)
+            if err.code != "busy":
+                raise err from e
+        raise PalateError(
+            "busy",
+            "the events were deleted, but another process kept reading the database for "
+            f"{wait_s:g} s, so their text may still be in the database file or its WAL. "
+            "Run the same forget again (it finishes the purge), after any training run ends.",
+            {"purged": False},
+        )
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file (on shutdown, and after forget)."""
@@ -781,15 +929,31 @@ class Store:
 
     # -- models ----------------------------------------------------------------
     def add_model(
-        self, *, base_model: str, meta: Mapping[str, Any], artifact: bytes, state: str = "candidate"
+        self,
+        *,
+        base_model: str,
+        meta: Mapping[str, Any],
+        artifact: bytes,
+        state: str = "candidate",
+        forget_count: int | None = None,
     ) -> int:
         """Store a trained model (its weights are user-derived data, so they live here,
-        encrypted, and never as files in the data dir). Returns the new version."""
+        encrypted, and never as files in the data dir). Returns the new version.
+
+        ``forget_count``: :meth:`forget_count` when the run read its events. If a forget has
+        deleted events since, the model may have learned from them: ``conflict``, nothing
+        stored (forget has queued a retrain)."""
         if state not in MODEL_STATES:
             raise ValueError(f"unknown model state {state!r}")
         if state == "deployed":
             raise ValueError("use deploy_model(): exactly one version may be deployed")
         with self._write("saving the model") as c:
+            if forget_count is not None and self.forget_count() != forget_count:
+                raise PalateError(
+                    "conflict",
+                    "events were forgotten while this run trained on them; its model was not "
+                    "registered (a retrain without them is queued)",
+                )
             version = c.execute(
                 "INSERT INTO models (created, state, base_model, meta, artifact) "
                 "VALUES (?, ?, ?, ?, ?) RETURNING version",
@@ -1262,18 +1426,29 @@ def export_jsonl(events: Iterator[Mapping[str, Any]], path: Path, *, overwrite: 
     The user asked for plaintext here, at this path, so this is the one place
     Palate writes their data unencrypted. A partial export never appears under
     the final name.
+
+    The directory may be one other users can write to (``/tmp``, a shared folder), so the
+    data goes through a private temp file: ``mkstemp`` in the target directory (a random
+    name, ``O_CREAT|O_EXCL|O_NOFOLLOW``, 0600), never a name someone could create first to
+    read along or to point a symlink at. It is then renamed into place, which replaces a
+    symlink at the final name instead of writing through it; without ``overwrite`` the name
+    is claimed with ``link(2)``, which fails if anything, a symlink included, is there.
     """
     path = path.expanduser()
     if not path.is_absolute():
         raise PalateError("invalid_request", f"export path must be absolute, got {str(path)!r}")
     if not path.parent.is_dir():
         raise PalateError("not_found", f"directory {path.parent} does not exist")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise PalateError("conflict", f"{path} already exists; pass overwrite to replace it")
-    tmp = path.with_name(f".{path.name}.partial")
+    # OSError (a name too long...) propagates as is: the caller maps it.
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name[:180]}.", suffix=".partial", dir=path.parent
+    )
+    tmp = Path(tmp_name)
     n = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for ev in events:
                 out = {k: v for k, v in ev.items() if k not in ("seq", "v")}
@@ -1281,16 +1456,141 @@ def export_jsonl(events: Iterator[Mapping[str, Any]], path: Path, *, overwrite: 
                 n += 1
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _claim(tmp, path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == 28:
+        if e.errno == errno.EEXIST:
+            raise PalateError(
+                "conflict", f"{path} already exists; pass overwrite to replace it"
+            ) from e
+        if e.errno == errno.ENAMETOOLONG:
+            raise PalateError(
+                "invalid_request", f"export path {str(path)[:200]} is too long"
+            ) from e
+        if e.errno == errno.ENOSPC:
             raise PalateError("storage_full", f"the disk is full; export to {path} failed") from e
         raise PalateError("storage_error", f"export to {path} failed: {e.strerror}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return n
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` unless something (a symlink included) has it."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # No hard links on this file system: check, then rename (a small race, no worse).
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from e
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def _table_counts(conn: sqlite.Connection, schema: str = "main") -> dict[str, int]:
+    names = [
+        r[0] for r in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table'")
+    ]
+    return {
+        n: int(conn.execute(f'SELECT count(*) FROM {schema}."{n}"').fetchone()[0]) for n in names
+    }
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reencrypt(path: Path, old: bytes, new: bytes) -> None:
+    """Re-encrypt the database at ``path`` from key ``old`` to key ``new``, crash-safe.
+
+    SQLCipher's ``sqlcipher_export()`` copies every table into a new file encrypted with
+    ``new`` (``<db>.rekey``, 0600). That copy is fsynced and verified (it opens with ``new``,
+    ``quick_check`` passes, every table has the same number of rows), and only then renamed
+    over the database. At every moment the file named ``palate.db`` is a complete database
+    under exactly one of the two keys, which is what lets ``KeyManager.settle`` finish or
+    undo an interrupted rekey. Needs the database to itself (the daemon stopped).
+    """
+    tmp = path.with_name(path.name + ".rekey")
+
+    def clean_tmp() -> None:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+    clean_tmp()
+    conn = sqlite.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA cipher_log_level = NONE")
+        conn.execute(f"PRAGMA key = \"x'{bytes(old).hex()}'\"")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy or frames != done:
+            raise PalateError(
+                "busy", "another process is using the database; stop the daemon and retry"
+            )
+        before = _table_counts(conn)
+        old_umask = os.umask(0o077)
+        try:
+            conn.execute("ATTACH DATABASE ? AS rekeyed KEY ?", (str(tmp), f"x'{bytes(new).hex()}'"))
+        finally:
+            os.umask(old_umask)
+        conn.execute("SELECT sqlcipher_export('rekeyed')").fetchall()
+        conn.execute("DETACH DATABASE rekeyed")
+    except sqlite.Error as e:
+        conn.close()
+        clean_tmp()
+        raise storage_error(e, "re-encrypting the database", path) from e
+    except BaseException:
+        conn.close()
+        clean_tmp()
+        raise
+    conn.close()
+    try:
+        os.chmod(tmp, 0o600)
+        _fsync_path(tmp)
+        check_key(tmp, new, thorough=True)
+        probe = sqlite.connect(f"file:{quote(str(tmp))}?mode=ro", uri=True)
+        try:
+            probe.execute("PRAGMA cipher_log_level = NONE")
+            probe.execute(f"PRAGMA key = \"x'{bytes(new).hex()}'\"")
+            after = _table_counts(probe)
+        finally:
+            probe.close()
+        if after != before:
+            raise PalateError(
+                "storage_error",
+                "the re-encrypted copy does not hold the same rows; the database was left "
+                "as it was",
+                {"before": before, "after": after},
+            )
+        wal = Path(f"{path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise PalateError(
+                "busy", "another process is using the database; stop the daemon and retry"
+            )
+        for suffix in ("-wal", "-shm"):  # the old database's; they must not meet the new one
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        clean_tmp()
+        raise
 
 
 def check_key(path: Path, key: bytes | bytearray, *, thorough: bool = False) -> None:

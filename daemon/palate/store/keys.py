@@ -3,13 +3,21 @@
 Envelope encryption: a random 256-bit data key (DEK) encrypts the SQLCipher
 database. The DEK is stored in ``key.json`` only wrapped (AES-256-GCM) by a
 key-encryption key (KEK) that lives in the OS keychain via ``keyring``, service
-``palate``. Where no keychain exists (headless Linux) the KEK goes to a 0600
-file beside the database instead, which only protects against other users, and
-Palate says so loudly wherever it reports status.
+``palate``. Where no keychain exists (headless Linux), or the only keyring backend
+keeps secrets in plaintext (``keyrings.alt``), the KEK goes to a 0600 file beside
+the database instead, which only protects against other users, and Palate says so
+loudly wherever it reports status.
 
-A recovery key (a second, independent wrap of the DEK) lets the user regain
-access when the keychain entry is lost. Rotation re-wraps; it never re-encrypts
-the database. Nothing here ever prints or logs key material, and no code path
+The **recovery kit** (``PLTK-...``) is the DEK itself, with its key id and a checksum:
+the kit and a copy of the database are enough to regain access, with no keychain and
+no ``key.json``. Its state (``none``, ``unconfirmed``: exported, ``confirmed``: typed
+back or used) is kept in ``key.json`` and reported by status, the log and doctor.
+
+Rotation re-wraps the DEK under a fresh KEK; ``rekey`` replaces the DEK itself and
+re-encrypts the database (crash-safe: the new key is pending in ``key.json`` until the
+re-encrypted database is verified and in place). Old KEKs are deleted only after a grace
+period (:data:`RETIRE_AFTER_S`), so a ``key.json`` that a crash or power loss rolls back
+still finds its KEK. Nothing here ever prints or logs key material, and no code path
 creates a new key while a database already exists: that would orphan the data.
 """
 
@@ -19,10 +27,13 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,13 +51,43 @@ log = logging.getLogger(__name__)
 KEYRING_SERVICE = "palate"
 KEY_FILE_FORMAT = 1
 RECOVERY_PREFIX = "PLT1"
+KIT_PREFIX = "PLTK"
+KIT_VERSION = 1
 BACKENDS = ("auto", "keyring", "file")
+#: ``key.recovery`` in status: no kit for this data key / exported / typed back (or used).
+RECOVERY_STATES = ("none", "unconfirmed", "confirmed")
+#: An old KEK (after rotate, rekey or recover) is deleted this long after it was replaced,
+#: at the next unwrap that works with the new one: a key.json rolled back by a crash or a
+#: restored backup still finds its KEK meanwhile.
+RETIRE_AFTER_S = 24 * 3600.0
+
+#: keyring backends that keep what they store encrypted at rest (class paths). Anything else,
+#: the plaintext file keyrings of ``keyrings.alt`` included, is not a keychain for Palate.
+ENCRYPTING_BACKENDS = frozenset(
+    {
+        "keyring.backends.macOS.Keyring",
+        "keyring.backends.SecretService.Keyring",
+        "keyring.backends.libsecret.Keyring",
+        "keyring.backends.kwallet.DBusKeyring",
+        "keyring.backends.kwallet.DBusKeyringKWallet4",
+        "keyring.backends.Windows.WinVaultKeyring",
+    }
+)
 
 FILE_BACKEND_WARNING = (
     "no OS keychain is available: the key that protects your data is in a 0600 file "
     "beside the database, so anyone who can read your files can read your feedback. "
     "Install and unlock a keychain (e.g. gnome-keyring), then run "
     "`palate key rotate --backend keyring`."
+)
+PLAINTEXT_KEYRING_WARNING = (
+    "the keyring backend keeps Palate's key unencrypted ({detail}): anyone who can read "
+    "your files can read your feedback, as with the file backend. Install and unlock a real "
+    "keychain (e.g. gnome-keyring), then run `palate key rotate --backend keyring`."
+)
+NO_RECOVERY_WARNING = (
+    "no recovery kit exists for your data: if the keychain entry or key.json is lost, every "
+    "event is lost with it. Run `palate key recovery-export` and keep the kit offline."
 )
 
 
@@ -75,7 +116,8 @@ class KeyringBackend:
             raise PalateError(
                 "key_error",
                 f"the keychain refused to give Palate's key ({type(e).__name__}: {e}); "
-                "unlock your keychain and retry, or use `palate key recover`",
+                "unlock your keychain and retry, or use `palate key recover` with your "
+                "recovery kit",
             ) from e
         return None if value is None else base64.b64decode(value)
 
@@ -130,35 +172,77 @@ class FileBackend:
         self._path(ref).unlink(missing_ok=True)
 
 
-def keyring_available() -> tuple[bool, str]:
-    """Whether a real keychain backend exists, and which one (for doctor/status)."""
+@dataclass(frozen=True)
+class KeyringInfo:
+    """What ``keyring`` would use: ``usable`` (it can store and return a secret) and
+    ``encrypts`` (it keeps it encrypted at rest: only then is it a keychain)."""
+
+    usable: bool
+    encrypts: bool
+    detail: str
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+def keyring_info() -> KeyringInfo:
+    """The keyring backend a write would go to, and whether it is a real keychain."""
     try:
         import keyring
         from keyring.backends import chainer, fail, null
     except Exception as e:  # pragma: no cover - keyring is a hard dependency
-        return False, f"keyring not importable: {e}"
+        return KeyringInfo(False, False, f"keyring not importable: {e}")
     kr = keyring.get_keyring()
+    if isinstance(kr, chainer.ChainerBackend):
+        # A chainer writes to the first of its backends (highest priority first).
+        if not kr.backends:
+            return KeyringInfo(False, False, "no keychain backend")
+        kr = kr.backends[0]
     if isinstance(kr, (fail.Keyring, null.Keyring)):
-        return False, "no keychain backend (no Secret Service / Keychain reachable)"
-    if isinstance(kr, chainer.ChainerBackend) and not kr.backends:
-        return False, "no keychain backend"
-    return True, f"{type(kr).__module__}.{type(kr).__name__}"
+        return KeyringInfo(
+            False, False, "no keychain backend (no Secret Service / Keychain reachable)"
+        )
+    name = _class_path(kr)
+    if name in ENCRYPTING_BACKENDS:
+        return KeyringInfo(True, True, name)
+    return KeyringInfo(True, False, f"{name} does not encrypt what it stores")
+
+
+def keyring_available() -> tuple[bool, str]:
+    """Whether a real keychain (a backend that encrypts at rest) exists, and which one."""
+    info = keyring_info()
+    return info.encrypts, info.detail
+
+
+def _full_fsync(fd: int) -> None:
+    """Flush ``fd`` to stable storage. On macOS fsync stops at the drive's cache; only
+    F_FULLFSYNC reaches the medium (it fails on some filesystems: fsync then)."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_FULLFSYNC", 51))
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically to a 0600 file (temp file, fsync, rename, fsync dir).
+    """Write ``data`` atomically to a 0600 file (temp file, full fsync, rename, dir fsync).
 
     Key files must never be observed half-written: a crash mid-write would
     otherwise leave the only wrapped copy of the key unreadable.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                _full_fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -173,7 +257,7 @@ def write_private(path: Path, data: bytes) -> None:
         raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        _full_fsync(dfd)
     finally:
         os.close(dfd)
 
@@ -201,28 +285,67 @@ def _unwrap(kek: bytes, wrapped: dict[str, Any], aad: bytes) -> bytearray:
             "key_error",
             "the wrapped data key does not open with this key: the key file was tampered "
             "with or the keychain holds a different key. Nothing was changed; "
-            "use `palate key recover` with your recovery key.",
+            "use `palate key recover` with your recovery kit.",
         ) from e
 
 
+def _grouped(prefix: str, raw: bytes) -> str:
+    b32 = base64.b32encode(raw).decode("ascii").rstrip("=")
+    return prefix + "-" + "-".join(b32[i : i + 4] for i in range(0, len(b32), 4))
+
+
+def _ungrouped(code: str, prefix: str, what: str) -> bytes:
+    cleaned = "".join(code.split()).upper().replace("-", "")
+    if not cleaned.startswith(prefix):
+        raise PalateError("key_error", f"a {what} starts with {prefix}-")
+    body = cleaned[len(prefix) :]
+    try:
+        return base64.b32decode(body + "=" * (-len(body) % 8))
+    except binascii.Error as e:
+        raise PalateError("key_error", f"that {what} is mistyped (not base32)") from e
+
+
 def encode_recovery(secret: bytes) -> str:
-    """``PLT1-XXXX-...``: base32 in groups of 4, easy to read aloud and type."""
-    b32 = base64.b32encode(secret).decode("ascii").rstrip("=")
-    return RECOVERY_PREFIX + "-" + "-".join(b32[i : i + 4] for i in range(0, len(b32), 4))
+    """``PLT1-XXXX-...``: the legacy recovery key (a second wrap inside key.json)."""
+    return _grouped(RECOVERY_PREFIX, secret)
 
 
 def decode_recovery(code: str) -> bytes:
-    cleaned = "".join(code.split()).upper().replace("-", "")
-    if not cleaned.startswith(RECOVERY_PREFIX):
-        raise PalateError("key_error", f"a recovery key starts with {RECOVERY_PREFIX}-")
-    body = cleaned[len(RECOVERY_PREFIX) :]
-    try:
-        secret = base64.b32decode(body + "=" * (-len(body) % 8))
-    except binascii.Error as e:
-        raise PalateError("key_error", "that recovery key is mistyped (not base32)") from e
+    secret = _ungrouped(code, RECOVERY_PREFIX, "recovery key")
     if len(secret) != 32:
         raise PalateError("key_error", "that recovery key is incomplete (wrong length)")
     return secret
+
+
+def _kit_check(body: bytes) -> bytes:
+    return hashlib.sha256(b"palate-kit|" + body).digest()[:4]
+
+
+def encode_kit(key_id: str, dek: bytes | bytearray) -> str:
+    """``PLTK-XXXX-...`` (18 groups): version, key id, the data key and a checksum, base32.
+
+    The kit *is* the data key: with it and a copy of the database the data can be read,
+    with no keychain and no key.json. Easy to print, read aloud and type back.
+    """
+    body = bytes([KIT_VERSION]) + bytes.fromhex(key_id) + bytes(dek)
+    return _grouped(KIT_PREFIX, body + _kit_check(body))
+
+
+def decode_kit(code: str) -> tuple[str, bytearray]:
+    """(key id, data key) from a kit; ``key_error`` naming what is wrong with it."""
+    raw = _ungrouped(code, KIT_PREFIX, "recovery kit")
+    if len(raw) != 1 + 8 + 32 + 4:
+        raise PalateError("key_error", "that recovery kit is incomplete (wrong length)")
+    body, check = raw[:-4], raw[-4:]
+    if not hmac.compare_digest(_kit_check(body), check):
+        raise PalateError("key_error", "that recovery kit is mistyped (its checksum is wrong)")
+    if body[0] != KIT_VERSION:
+        raise PalateError("key_error", f"recovery kit version {body[0]} is not supported")
+    return body[1:9].hex(), bytearray(body[9:])
+
+
+def is_kit(text: str) -> bool:
+    return "".join(text.split()).upper().startswith(KIT_PREFIX)
 
 
 @dataclass
@@ -232,6 +355,8 @@ class KeyStatus:
     warning: str | None
     key_id: str | None
     has_recovery: bool
+    #: ``none`` | ``unconfirmed`` | ``confirmed``: the recovery kit of the current data key.
+    recovery: str
     created: float | None
     rotated: float | None
 
@@ -239,8 +364,17 @@ class KeyStatus:
         return dict(self.__dict__)
 
 
+def recovery_state(doc: dict[str, Any] | None) -> str:
+    kit = (doc or {}).get("kit") or {}
+    if kit.get("confirmed"):
+        return "confirmed"
+    if kit.get("exported"):
+        return "unconfirmed"
+    return "none"
+
+
 class KeyManager:
-    """Creates, unwraps, rotates and recovers the data key for one Palate home."""
+    """Creates, unwraps, rotates, rekeys and recovers the data key for one Palate home."""
 
     def __init__(self, paths: Paths, backend: str | None = None) -> None:
         self.paths = paths
@@ -283,15 +417,45 @@ class KeyManager:
             return FileBackend(self.paths.data_dir)
         raise PalateError("key_error", f"key file names an unknown backend {name!r}")
 
-    def _choose_backend(self) -> str:
-        if self.preference != "auto":
-            return self.preference
-        ok, _ = keyring_available()
-        return "keyring" if ok else "file"
+    def _choose_backend(self, preference: str | None = None) -> str:
+        pref = preference or self.preference
+        if pref != "auto":
+            return pref
+        # Only a keychain that encrypts at rest counts; a plaintext keyring is no better
+        # than the file backend, and the file backend at least says so.
+        return "keyring" if keyring_info().encrypts else "file"
 
     @staticmethod
     def _aad(doc: dict[str, Any], purpose: str) -> bytes:
         return f"palate-dek|v{KEY_FILE_FORMAT}|{doc['key_id']}|{purpose}".encode()
+
+    def _new_doc(
+        self,
+        key_id: str,
+        generation: int,
+        dek: bytes | bytearray,
+        target: str,
+        created: float | None,
+    ) -> dict[str, Any]:
+        """A key file for ``dek`` under a fresh KEK, stored in ``target`` (not yet saved)."""
+        if target not in ("keyring", "file"):
+            raise PalateError("key_error", f"unknown key backend {target!r}")
+        doc: dict[str, Any] = {
+            "format": KEY_FILE_FORMAT,
+            "key_id": key_id,
+            "generation": generation,
+            "backend": target,
+            "created": time.time() if created is None else created,
+            "rotated": None,
+            "recovery": None,
+            "kit": None,
+            "retired": [],
+        }
+        doc["ref"] = f"kek-{key_id}-{generation}"
+        kek = secrets.token_bytes(32)
+        doc["wrapped"] = _wrap(kek, bytes(dek), self._aad(doc, "kek"))
+        self._backend(target).put(doc["ref"], kek)
+        return doc
 
     # -- public API ----------------------------------------------------------
     def exists(self) -> bool:
@@ -305,45 +469,41 @@ class KeyManager:
                 "refusing to create a new data key: a key file or database already exists "
                 f"in {self.paths.data_dir}; a new key would make that data unreadable",
             )
-        backend_name = self._choose_backend()
         dek = bytearray(secrets.token_bytes(32))
-        kek = secrets.token_bytes(32)
-        doc: dict[str, Any] = {
-            "format": KEY_FILE_FORMAT,
-            "key_id": secrets.token_hex(8),
-            "generation": 1,
-            "backend": backend_name,
-            "created": time.time(),
-            "rotated": None,
-            "recovery": None,
-        }
-        doc["ref"] = f"kek-{doc['key_id']}-1"
-        doc["wrapped"] = _wrap(kek, bytes(dek), self._aad(doc, "kek"))
-        self._backend(backend_name).put(doc["ref"], kek)
-        self._save(doc)
+        self._save(self._new_doc(secrets.token_hex(8), 1, dek, self._choose_backend(), None))
         return dek
 
-    def unwrap(self) -> bytearray:
-        """The data key, for opening the store. Callers zero it when done."""
-        doc = self._require()
+    def _unwrap_doc(self, doc: dict[str, Any], wrapped: dict[str, Any] | None = None) -> bytearray:
         backend = self._backend(doc["backend"])
         if doc["backend"] == "keyring":
-            ok, why = keyring_available()
-            if not ok:
+            info = keyring_info()
+            if not info.usable:
                 raise PalateError(
                     "key_error",
-                    f"Palate's key is in the OS keychain, which is unavailable ({why}). "
+                    f"Palate's key is in the OS keychain, which is unavailable ({info.detail}). "
                     "Unlock or start your keychain, or run `palate key recover` with your "
-                    "recovery key. Your data is untouched.",
+                    "recovery kit. Your data is untouched.",
                 )
         kek = backend.get(doc["ref"])
         if kek is None:
             raise PalateError(
                 "key_error",
                 f"the key entry {doc['ref']!r} is missing from the {doc['backend']} backend. "
-                "Your data is untouched; run `palate key recover` with your recovery key.",
+                "Your data is untouched; run `palate key recover` with your recovery kit.",
             )
-        return _unwrap(kek, doc["wrapped"], self._aad(doc, "kek"))
+        return _unwrap(kek, wrapped or doc["wrapped"], self._aad(doc, "kek"))
+
+    def unwrap(self) -> bytearray:
+        """The data key, for opening the store. Callers zero it when done.
+
+        Old KEKs past their grace period are deleted here, once the current one has
+        worked (so never while the current key file cannot be used).
+        """
+        doc = self._require()
+        dek = self._unwrap_doc(doc)
+        with contextlib.suppress(Exception):  # housekeeping must never block access
+            self.purge_retired(doc)
+        return dek
 
     def _require(self) -> dict[str, Any]:
         doc = self._load()
@@ -354,56 +514,280 @@ class KeyManager:
     def status(self) -> KeyStatus:
         doc = self._load()
         backend = doc["backend"] if doc else self._choose_backend()
-        detail = keyring_available()[1] if backend == "keyring" else str(self.paths.data_dir)
+        warning = None
+        if backend == "keyring":
+            info = keyring_info()
+            detail = info.detail
+            if info.usable and not info.encrypts:
+                warning = PLAINTEXT_KEYRING_WARNING.format(detail=info.detail)
+        else:
+            detail = str(self.paths.data_dir)
+            warning = FILE_BACKEND_WARNING
+        recovery = recovery_state(doc)
         return KeyStatus(
             backend=backend,
             backend_detail=detail,
-            warning=FILE_BACKEND_WARNING if backend == "file" else None,
+            warning=warning,
             key_id=doc["key_id"] if doc else None,
-            has_recovery=bool(doc and doc.get("recovery")),
+            has_recovery=recovery != "none",
+            recovery=recovery,
             created=doc.get("created") if doc else None,
             rotated=doc.get("rotated") if doc else None,
         )
 
+    # -- old KEKs --------------------------------------------------------------
+    def _retire(self, new: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """Carry ``old``'s pending deletions into ``new`` and add ``old``'s own KEK."""
+        retired = list(new.get("retired") or [])
+        if old is not None:
+            retired.extend(old.get("retired") or [])
+            if old.get("ref") and old.get("ref") != new.get("ref"):
+                retired.append(
+                    {
+                        "backend": old["backend"],
+                        "ref": old["ref"],
+                        "after": time.time() + RETIRE_AFTER_S,
+                    }
+                )
+        new["retired"] = retired
+
+    def purge_retired(self, doc: dict[str, Any] | None = None, now: float | None = None) -> int:
+        """Delete the old KEKs whose grace period is over; returns how many."""
+        doc = doc or self._require()
+        now = time.time() if now is None else now
+        keep, gone = [], 0
+        for item in doc.get("retired") or []:
+            if item.get("after", 0) > now or item.get("ref") == doc.get("ref"):
+                keep.append(item)
+                continue
+            try:
+                self._backend(item["backend"]).delete(item["ref"])
+                gone += 1
+            except (PalateError, OSError, KeyError):
+                keep.append(item)
+        if gone:
+            doc["retired"] = keep
+            self._save(doc)
+        return gone
+
+    # -- rotation --------------------------------------------------------------
     def rotate(self, backend: str | None = None) -> KeyStatus:
         """Re-wrap the data key under a fresh KEK (optionally moving backends).
 
         Order matters for crash safety: the new KEK is stored first, then the key
-        file is atomically replaced, and only then is the old KEK deleted. A crash
-        at any point leaves a key file whose KEK exists.
+        file is atomically replaced (full fsync); the old KEK is only scheduled for
+        deletion (:data:`RETIRE_AFTER_S`). A crash at any point leaves a key file whose
+        KEK exists, even if the file system rolls the key file back.
         """
         doc = self._require()
-        dek = self.unwrap()
+        dek = self._unwrap_doc(doc)
         try:
-            old_backend, old_ref = self._backend(doc["backend"]), doc["ref"]
             self._rewrap(doc, dek, backend or doc["backend"])
-            old_backend.delete(old_ref)
         finally:
             zero(dek)
         return self.status()
 
-    def _rewrap(self, doc: dict[str, Any], dek: bytearray, target: str) -> None:
+    def _rewrap(self, doc: dict[str, Any], dek: bytearray, target: str) -> dict[str, Any]:
         """Wrap ``dek`` under a fresh KEK in ``target`` and save the new key file."""
-        if target == "auto":
-            target = self._choose_backend()
-        if target not in ("keyring", "file"):
-            raise PalateError("key_error", f"unknown key backend {target!r}")
-        new = dict(doc)
-        new["generation"] = int(doc.get("generation", 1)) + 1
-        new["ref"] = f"kek-{doc['key_id']}-{new['generation']}"
-        new["backend"] = target
+        target = self._choose_backend(target)
+        new = self._new_doc(
+            doc["key_id"], int(doc.get("generation", 1)) + 1, dek, target, doc.get("created")
+        )
+        new["recovery"] = doc.get("recovery")
+        new["kit"] = doc.get("kit")
         new["rotated"] = time.time()
-        kek = secrets.token_bytes(32)
-        new["wrapped"] = _wrap(kek, bytes(dek), self._aad(new, "kek"))
-        self._backend(target).put(new["ref"], kek)
+        self._retire(new, doc)
         self._save(new)
         if target == "file":
             log.warning("%s", FILE_BACKEND_WARNING)
+        return new
 
-    def export_recovery(self) -> str:
-        """A new recovery key; the previous one stops working."""
+    def settle(self, verify: Callable[[bytes], None]) -> str | None:
+        """Finish or undo a ``rekey`` that a crash interrupted; returns what was done.
+
+        ``verify(dek)`` raises unless ``dek`` opens the database. The pending key is made
+        current if the re-encrypted database is in place; it is dropped if the database
+        still opens with the current key. If neither opens it, nothing is changed
+        (``key_error``). Call with the data lock held (the daemon at start, ``rekey``).
+        """
+        doc = self._load()
+        if not doc or not doc.get("pending"):
+            return None
+        pending = doc["pending"]
+
+        def opens(d: dict[str, Any]) -> bool:
+            try:
+                dek = self._unwrap_doc(d)
+            except PalateError:
+                return False
+            try:
+                verify(bytes(dek))
+                return True
+            except PalateError:
+                return False
+            finally:
+                zero(dek)
+
+        if opens(pending):
+            pending["rotated"] = time.time()
+            self._retire(pending, doc)
+            self._save(pending)
+            log.warning("an interrupted rekey was finished: the new data key is in use")
+            return "finished"
+        if opens(doc):
+            doc.pop("pending")
+            retired = list(doc.get("retired") or [])
+            retired.append(
+                {"backend": pending["backend"], "ref": pending["ref"], "after": time.time()}
+            )
+            doc["retired"] = retired
+            self._save(doc)
+            log.warning("an interrupted rekey was undone: the database kept its data key")
+            return "undone"
+        raise PalateError(
+            "key_error",
+            "a rekey was interrupted and the database opens with neither the old nor the new "
+            "data key; nothing was changed. `palate key recover` < your recovery kit",
+        )
+
+    def rekey(
+        self,
+        reencrypt: Callable[[bytes, bytes], None],
+        verify: Callable[[bytes], None],
+        backend: str | None = None,
+    ) -> KeyStatus:
+        """Replace the data key itself: the database is re-encrypted under a new one.
+
+        Unlike :meth:`rotate`, old copies of ``key.json`` (and their KEKs) stop opening the
+        database, and so does the old recovery kit: a new kit must be exported. Crash-safe:
+
+        1. the new DEK, wrapped under a new KEK, is saved in ``key.json`` as ``pending``;
+        2. ``reencrypt(old, new)`` writes a re-encrypted copy, verifies it and renames it
+           over the database (see :func:`palate.store.database.reencrypt`);
+        3. the pending key becomes current; the old KEK is retired (deleted later).
+
+        A crash before the rename leaves the old database and the old key current; after
+        it, :meth:`settle` (at the next daemon start) finds the pending key opens the
+        database and completes step 3. ``verify(dek)`` raises unless ``dek`` opens the
+        database: an error in step 2 is settled by what the database really is.
+        """
         doc = self._require()
-        dek = self.unwrap()
+        if doc.get("pending"):
+            raise PalateError(
+                "conflict", "a previous rekey was interrupted; start the daemon once to settle it"
+            )
+        old = self._unwrap_doc(doc)
+        new_dek = bytearray(secrets.token_bytes(32))
+        try:
+            target = self._choose_backend(backend or doc["backend"])
+            pending = self._new_doc(secrets.token_hex(8), 1, new_dek, target, None)
+            doc["pending"] = pending
+            self._save(doc)
+            try:
+                reencrypt(bytes(old), bytes(new_dek))
+            except BaseException:
+                # Whichever key the database is under now (an error after the rename still
+                # leaves it re-encrypted) becomes or stays the current one.
+                self.settle(verify)
+                raise
+            pending["rotated"] = time.time()
+            self._retire(pending, doc)
+            self._save(pending)
+        finally:
+            zero(old)
+            zero(new_dek)
+        log.warning("the data key was replaced; export a new recovery kit")
+        return self.status()
+
+    # -- recovery kit ------------------------------------------------------------
+    def export_kit(self) -> str:
+        """The recovery kit of the current data key; marks it exported (``unconfirmed``
+        unless it was confirmed before: the kit of one data key never changes)."""
+        doc = self._require()
+        dek = self._unwrap_doc(doc)
+        try:
+            kit = encode_kit(doc["key_id"], dek)
+        finally:
+            zero(dek)
+        record = dict(doc.get("kit") or {})
+        record["exported"] = time.time()
+        record.setdefault("confirmed", None)
+        doc["kit"] = record
+        self._save(doc)
+        return kit
+
+    def confirm_kit(self, text: str) -> KeyStatus:
+        """Mark the kit confirmed when ``text`` is this data key's kit."""
+        key_id, kit_dek = decode_kit(text)
+        doc = self._require()
+        dek = self._unwrap_doc(doc)
+        try:
+            same = key_id == doc["key_id"] and hmac.compare_digest(bytes(dek), bytes(kit_dek))
+        finally:
+            zero(dek)
+            zero(kit_dek)
+        if not same:
+            raise PalateError("key_error", "that is not the recovery kit of this data key")
+        record = dict(doc.get("kit") or {})
+        record.setdefault("exported", time.time())
+        record["confirmed"] = time.time()
+        doc["kit"] = record
+        self._save(doc)
+        return self.status()
+
+    def recover_kit(
+        self, text: str, verify: Callable[[bytes], None], backend: str | None = None
+    ) -> KeyStatus:
+        """Regain access with the kit alone: no key.json, no keychain entry needed.
+
+        ``verify(dek)`` must prove the kit's key opens the database; then a new key file is
+        written with the key under a fresh KEK (the kit counts as confirmed: it was used).
+        A key file that is there but unusable (another key, corrupt) is kept beside it as
+        ``key.json.replaced-<time>``.
+        """
+        key_id, dek = decode_kit(text)
+        try:
+            try:
+                verify(bytes(dek))
+            except PalateError as e:
+                raise PalateError(
+                    "key_error", f"that recovery kit does not open this database ({e.message})"
+                ) from e
+            try:
+                old = self._load()
+            except PalateError:
+                old = None
+                aside = self.paths.key_file.with_name(f"key.json.replaced-{int(time.time())}")
+                with contextlib.suppress(OSError):
+                    os.replace(self.paths.key_file, aside)
+            same = old is not None and old.get("key_id") == key_id and not old.get("pending")
+            generation = int(old.get("generation", 1)) + 1 if same and old else 1
+            target = self._choose_backend(backend)
+            new = self._new_doc(
+                key_id, generation, dek, target, old.get("created") if same and old else None
+            )
+            if same and old:
+                new["recovery"] = old.get("recovery")
+                self._retire(new, old)
+            elif old is not None:
+                # Another key's file (a different database, an unfinished rekey): keep it.
+                aside = self.paths.key_file.with_name(f"key.json.replaced-{int(time.time())}")
+                with contextlib.suppress(OSError):
+                    os.replace(self.paths.key_file, aside)
+            now = time.time()
+            new["kit"] = {"exported": now, "confirmed": now}
+            new["rotated"] = now
+            self._save(new)
+        finally:
+            zero(dek)
+        return self.status()
+
+    # -- legacy recovery key (PLT1, a wrap inside key.json) -----------------------
+    def export_recovery(self) -> str:
+        """A legacy recovery key (PLT1); the previous one stops working. It needs key.json:
+        prefer :meth:`export_kit`."""
+        doc = self._require()
+        dek = self._unwrap_doc(doc)
         try:
             secret = secrets.token_bytes(32)
             doc["recovery"] = _wrap(secret, bytes(dek), self._aad(doc, "recovery"))
@@ -416,7 +800,10 @@ class KeyManager:
     def recover(
         self, code: str, verify: Callable[[bytes], None], backend: str | None = None
     ) -> KeyStatus:
-        """Unwrap with the recovery key, check it opens the store, re-wrap under a new KEK."""
+        """Recover with a kit (``PLTK-``, needs no key.json) or a legacy PLT1 recovery key
+        (a second wrap inside key.json): check it opens the store, re-wrap under a new KEK."""
+        if is_kit(code):
+            return self.recover_kit(code, verify, backend)
         doc = self._require()
         if not doc.get("recovery"):
             raise PalateError(
@@ -431,12 +818,36 @@ class KeyManager:
         try:
             verify(bytes(dek))
             self._rewrap(doc, dek, backend or self.preference)
-            # The old KEK is useless now (and may be gone with the keychain); drop it.
-            with contextlib.suppress(PalateError, OSError):
-                self._backend(doc["backend"]).delete(doc["ref"])
         finally:
             zero(dek)
         return self.status()
+
+
+def protect_process() -> list[str]:
+    """For a process that holds the data key (the daemon, a training run): no core dumps
+    (RLIMIT_CORE 0) and no debugger attach where the OS allows it (Linux: PR_SET_DUMPABLE 0,
+    which also keeps /proc/<pid>/mem and friends from same-uid processes; macOS:
+    PT_DENY_ATTACH). Best effort; returns what took effect."""
+    import ctypes
+    import resource
+
+    done = []
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        done.append("no core dumps")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            pr_set_dumpable = 4
+            if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) == 0:
+                done.append("not dumpable (no ptrace attach)")
+        elif sys.platform == "darwin":
+            pt_deny_attach = 31
+            if libc.ptrace(pt_deny_attach, 0, None, 0) == 0:
+                done.append("PT_DENY_ATTACH")
+    except (OSError, AttributeError):
+        pass
+    return done
 
 
 def zero(buf: bytearray) -> None:

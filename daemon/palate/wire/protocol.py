@@ -29,12 +29,22 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_STR_BYTES = 1024 * 1024
 MAX_ARRAY_LEN = 10_000
 MAX_MAP_LEN = 256
+#: Elements of all the containers of one message together (a map entry counts twice, each
+#: container once more for itself). The per-container caps above do not bound a message:
+#: 4 MiB of tiny nested containers (one byte each on the wire, ~80 bytes each decoded) made
+#: ~255 MiB. With this cap one message decodes to at most ~25 MiB of objects, plus its
+#: strings. A full ``ingest_batch`` (2000 events) needs under 100,000.
+MAX_DECODED_ELEMENTS = 262_144
 #: Requests one connection may have outstanding before it is answered ``busy``.
 MAX_IN_FLIGHT = 64
 #: Concurrent connections; one more is answered ``busy`` and closed.
 MAX_CONNECTIONS = 128
 #: A connection that sends nothing for this long is closed (slowloris guard).
 IDLE_TIMEOUT_S = 300.0
+#: A connection that reads none of its answers for this long (its socket buffer full, our
+#: write blocked) is closed and its queued answers dropped: a client that never reads must
+#: not hold memory and a connection slot for ever.
+SEND_TIMEOUT_S = 60.0
 MAX_METHOD_LEN = 64
 MAX_MSGID = 2**32 - 1
 
@@ -43,20 +53,60 @@ LIMITS: dict[str, int | float] = {
     "max_str_bytes": MAX_STR_BYTES,
     "max_array_len": MAX_ARRAY_LEN,
     "max_map_len": MAX_MAP_LEN,
+    "max_decoded_elements": MAX_DECODED_ELEMENTS,
     "max_in_flight": MAX_IN_FLIGHT,
     "max_connections": MAX_CONNECTIONS,
     "idle_timeout_s": IDLE_TIMEOUT_S,
+    "send_timeout_s": SEND_TIMEOUT_S,
 }
 
 
-def make_unpacker() -> msgpack.Unpacker:
+class DecodeBudget:
+    """The decoded-size bound of one message (:data:`MAX_DECODED_ELEMENTS`).
+
+    msgpack calls the hooks as each array or map is completed; past the budget they raise
+    ``ValueError`` ("exceeds max ..."), which comes out of ``unpack()`` (``too_large``), so
+    the rest of the message is never built. :meth:`reset` before each message.
+    """
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int = MAX_DECODED_ELEMENTS) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def reset(self) -> None:
+        self.left = self.limit
+
+    def _spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ValueError(
+                f"message exceeds max decoded elements ({self.limit} container elements)"
+            )
+
+    def list_hook(self, obj: list[Any]) -> list[Any]:
+        self._spend(len(obj) + 1)
+        return obj
+
+    def object_hook(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        self._spend(2 * len(obj) + 1)
+        return obj
+
+
+def make_unpacker(budget: DecodeBudget | None = None) -> msgpack.Unpacker:
     """A streaming decoder configured with every limit.
 
     ``unicode_errors='surrogateescape'`` lets a string with invalid UTF-8 through
     the decoder as lone surrogates, so event validation can name the exact field
-    that is not UTF-8 instead of dropping the whole connection.
+    that is not UTF-8 instead of dropping the whole connection. With ``budget`` the
+    decoded size of a message is bounded too (reset it before each message).
     """
+    hooks: dict[str, Any] = {}
+    if budget is not None:
+        hooks = {"list_hook": budget.list_hook, "object_hook": budget.object_hook}
     return msgpack.Unpacker(
+        **hooks,
         raw=False,
         strict_map_key=True,
         unicode_errors="surrogateescape",
