@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DaemonProc
+from conftest import DaemonProc, module_daemon
 from palate.errors import ERROR_CODES, PalateError
 from palate.events import validate_event
 from palate.wire import protocol
@@ -268,12 +269,20 @@ def test_validate_event_total(obj: dict[str, Any]) -> None:
         assert out["id"] and out["kind"] in ("pair", "rating", "edit", "ranking")
 
 
+@pytest.fixture(scope="module")
+def fuzzed_daemon() -> Iterator[DaemonProc]:
+    """One daemon for the fuzz test and for the check after it (the check must look at the
+    daemon that was fuzzed, not at a fresh one)."""
+    with module_daemon("fz-") as d:
+        yield d
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.binary(min_size=1, max_size=512))
-def test_decoder_fuzz_against_live_daemon(palate_daemon: DaemonProc, data: bytes) -> None:
-    s = raw_conn(palate_daemon)
+def test_decoder_fuzz_against_live_daemon(fuzzed_daemon: DaemonProc, data: bytes) -> None:
+    s = raw_conn(fuzzed_daemon)
     s.settimeout(0.2)
     try:
         s.sendall(data)
@@ -284,12 +293,18 @@ def test_decoder_fuzz_against_live_daemon(palate_daemon: DaemonProc, data: bytes
         pass
     finally:
         s.close()
-    assert palate_daemon.alive()
+    assert fuzzed_daemon.alive()
 
 
-def test_daemon_alive_after_fuzz(palate_daemon: DaemonProc) -> None:
-    assert_still_serving(palate_daemon)
-    assert os.path.exists(palate_daemon.paths.socket)
+def test_daemon_alive_after_fuzz(fuzzed_daemon: DaemonProc) -> None:
+    """The fuzzed daemon itself: same process, still serving, nothing crashed in its log."""
+    assert fuzzed_daemon.alive()
+    assert_still_serving(fuzzed_daemon)
+    assert os.path.exists(fuzzed_daemon.paths.socket)
+    with fuzzed_daemon.client() as c:
+        assert c.hello()["pid"] == fuzzed_daemon.proc.pid  # type: ignore[union-attr]
+    log = (fuzzed_daemon.paths.log_dir / "daemon.log").read_text()
+    assert "Traceback" not in log and "internal error" not in log
 
 
 def test_connection_limit_answers_busy(palate_daemon: DaemonProc) -> None:

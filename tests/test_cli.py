@@ -125,11 +125,15 @@ def test_no_daemon_exit_code(home: Path) -> None:
 def test_key_commands(palate_daemon: DaemonProc) -> None:
     st = json.loads(palate_daemon.cli("key", "status", "--json").stdout)
     assert st["backend"] == "file" and st["has_recovery"] is False and st["warning"]
-    r = palate_daemon.cli("key", "recovery-export")
+    assert st["recovery"] == "none"
+    r = palate_daemon.cli("key", "recovery-export", "--json")
     assert r.returncode == 0
-    code = r.stdout.strip()
-    assert code.startswith("PLT1-")
-    assert code not in (palate_daemon.paths.log_dir / "daemon.log").read_text()
+    kit = json.loads(r.stdout)["kit"]
+    assert kit.startswith("PLTK-")
+    assert kit not in (palate_daemon.paths.log_dir / "daemon.log").read_text()
+    assert json.loads(palate_daemon.cli("key", "status", "--json").stdout)["recovery"] == (
+        "unconfirmed"
+    )
     r = palate_daemon.cli("key", "rotate", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["backend"] == "file"
     palate_daemon.cli("feedback", "--prompt", "p", "--chosen", "a", "--rejected", "b", check=True)
@@ -139,13 +143,16 @@ def test_key_commands(palate_daemon: DaemonProc) -> None:
         kek.unlink()
     r = palate_daemon.cli("daemon")
     assert r.returncode == EXIT_CODES["key_error"] and "recover" in r.stderr
-    bad = palate_daemon.cli("key", "recover", "--code", "PLT1-" + "A" * 52)
+    argv = palate_daemon.cli("key", "recover", "--code", kit)
+    assert argv.returncode == 2 and "standard input" in argv.stderr, "never a secret in argv"
+    bad = palate_daemon.cli("key", "recover", input="PLTK-" + "A" * 72)
     assert bad.returncode == EXIT_CODES["key_error"]
-    r = palate_daemon.cli("key", "recover", "--code", code)
+    r = palate_daemon.cli("key", "recover", input=json.dumps({"kit": kit}))
     assert r.returncode == 0, r.stderr
     palate_daemon.start()
     st = json.loads(palate_daemon.cli("status", "--json").stdout)
     assert st["events"]["total"] == 1
+    assert st["key"]["recovery"] == "confirmed"
 
 
 def test_doctor_reports_each_check(palate_daemon: DaemonProc) -> None:
@@ -153,6 +160,8 @@ def test_doctor_reports_each_check(palate_daemon: DaemonProc) -> None:
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     assert {"versions", "permissions", "key", "daemon"} <= set(checks)
     assert checks["daemon"]["status"] == "ok"
-    assert checks["key"]["status"] == "warn" and checks["key"]["fix"]
+    # No recovery kit yet: a lock-out waiting to happen, so a failure (exit 1), not a warning.
+    assert checks["key"]["status"] == "fail" and "recovery-export" in checks["key"]["fix"]
+    assert r.returncode == 1
     human = palate_daemon.cli("doctor")
-    assert "[warn] key" in human.stdout
+    assert "[FAIL] key" in human.stdout

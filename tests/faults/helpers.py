@@ -89,10 +89,11 @@ def assert_acked_present(view: StoreView, acked: Mapping[str, int], where: str) 
 
 
 def fingerprint(directory: Path) -> dict[str, str]:
-    """sha256 of every file in ``directory`` (not recursive)."""
+    """sha256 of every file in ``directory`` (not recursive), but the daemon's lock: it sits
+    beside the database and holds only the pid of whoever started last."""
     out = {}
     for p in sorted(directory.iterdir()):
-        if p.is_file():
+        if p.is_file() and p.name != "daemon.lock":
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

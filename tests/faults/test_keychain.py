@@ -9,8 +9,9 @@ prompt can be shown, so unlocking fails, as over SSH).
 Each time: ``palate daemon`` exits 5 with a message that says what is wrong and names
 ``palate key recover``; ``palate status`` exits 3; ``key.json``, the KEK entries and the
 database are byte-for-byte as before (no new key over existing data). Once the keychain is
-back, every event is there; with it gone for good, ``palate key recover`` and the recovery
-key restore access, into the file backend.
+back, every event is there; with it gone for good -- and ``key.json`` with it -- ``palate key
+recover`` and the recovery kit alone (read from standard input) restore access, into the file
+backend.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ def keyring_env(secret_service: dict[str, str]) -> Iterator[dict[str, str]]:
         assert secrets({**secret_service}, "unlock", PASSWORD)[0] == "unlocked"
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PALATE, *args], env=env, capture_output=True, text=True, timeout=60)
+def cli(
+    env: dict[str, str], *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PALATE, *args], env=env, capture_output=True, text=True, timeout=60, input=input
+    )
 
 
 def test_keychain_unreachable_or_locked_at_start_then_recovery(
@@ -89,10 +94,10 @@ def test_keychain_unreachable_or_locked_at_start_then_recovery(
     with d.client() as c:
         c.ingest_batch([rating(i) for i in ids])
         assert c.status()["key"]["backend"] == "keyring"
-    r = cli(env, "key", "recovery-export")
+    r = cli(env, "key", "recovery-export", "--json")
     assert r.returncode == 0, r.stderr
-    code = r.stdout.strip()
-    assert code.startswith("PLT1-")
+    code = json.loads(r.stdout)["kit"]
+    assert code.startswith("PLTK-")
     assert d.terminate() == 0
     data = d.paths.data_dir
     before = fingerprint(data)
@@ -128,9 +133,10 @@ def test_keychain_unreachable_or_locked_at_start_then_recovery(
         assert c.status()["events"]["total"] == len(ids)
     assert d.terminate() == 0
 
-    # 4. Keychain gone for good: the recovery key, into the file backend (a wrong one is
-    #    tests/test_keys.py's business).
-    ok = cli(gone, "key", "recover", "--code", code, "--backend", "file")
+    # 4. Keychain gone for good, and key.json lost too: the kit alone, into the file backend
+    #    (a wrong one is tests/test_keys.py's business).
+    d.paths.key_file.unlink()
+    ok = cli(gone, "key", "recover", "--backend", "file", input=code)
     assert ok.returncode == 0, ok.stderr
     file_env = {**gone, "PALATE_KEY_BACKEND": "file"}
     d = DaemonProc(home, file_env).start()

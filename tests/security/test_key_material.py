@@ -26,7 +26,13 @@ import pytest
 from conftest import PALATE, DaemonProc
 from palate.errors import PalateError
 from palate.paths import resolve
-from palate.store.keys import KeyManager, decode_recovery
+from palate.store.keys import KeyManager, decode_kit, decode_recovery, encode_kit
+
+_LEGACY = (
+    "import sys; from pathlib import Path; from palate.paths import resolve; "
+    "from palate.store.keys import KeyManager; "
+    "print(KeyManager.for_home(resolve(Path(sys.argv[1]))).export_recovery())"
+)
 
 
 def forms(secret: bytes) -> dict[str, bytes]:
@@ -48,10 +54,18 @@ def forms(secret: bytes) -> dict[str, bytes]:
 class Secrets:
     def __init__(self) -> None:
         self.items: dict[str, bytes] = {}
+        self.texts: dict[str, bytes] = {}  # secrets in a text form of their own (the kit)
 
     def add(self, name: str, secret: bytes) -> None:
         assert len(secret) == 32, name
         self.items[name] = bytes(secret)
+
+    def add_kit(self, kit: str) -> None:
+        body = kit.replace("-", "")
+        self.texts["kit"] = kit.encode()
+        self.texts["kit-ungrouped"] = body[8:-8].encode()
+        self.texts["kit-ungrouped-lower"] = body[8:-8].lower().encode()
+        self.texts["kit-groups"] = kit[10:-10].encode()
 
     def leaks(self, label: str, data: bytes | str) -> list[str]:
         blob = data.encode("utf-8", "replace") if isinstance(data, str) else data
@@ -60,7 +74,7 @@ class Secrets:
             for name, secret in self.items.items()
             for form, needle in forms(secret).items()
             if needle in blob
-        ]
+        ] + [f"{label}: {name}" for name, needle in self.texts.items() if needle in blob]
 
 
 def keys_now(env: dict[str, str], home: Path) -> tuple[bytes, bytes]:
@@ -101,9 +115,11 @@ def test_key_material_never_in_logs_or_errors(home: Path, key_env: dict[str, str
     keys = Secrets()
     outputs: list[tuple[str, str]] = []  # (label, text) to search at the end
 
-    def cli(*args: str, ok: bool | None = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        *args: str, ok: bool | None = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
-            [*PALATE, *args], env=key_env, capture_output=True, text=True, timeout=120
+            [*PALATE, *args], env=key_env, capture_output=True, text=True, timeout=120, input=input
         )
         outputs.append((f"palate {' '.join(args)} (stdout)", r.stdout))
         outputs.append((f"palate {' '.join(args)} (stderr)", r.stderr))
@@ -135,15 +151,28 @@ def test_key_material_never_in_logs_or_errors(home: Path, key_env: dict[str, str
             outputs.append((f"error {method}", json.dumps(ei.value.to_wire())))
         outputs.append(("status", json.dumps(c.status())))
 
-    # Recovery key: printed once, on stdout, by recovery-export (its job); nowhere else.
+    # The recovery kit: printed on stdout by recovery-export (its job); nowhere else. It is
+    # the data key itself, so the DEK's own forms are searched for too (above).
     r = cli("key", "recovery-export")
-    outputs.pop(-2)  # its stdout is allowed to hold the recovery key
+    outputs.pop(-2)  # its stdout is allowed to hold the kit
     code = r.stdout.split()[0]
-    keys.add("recovery key", decode_recovery(code))
-    # Change a character in the middle (the last one carries only 1 bit of the 256).
+    kit_id, kit_dek = decode_kit(code)
+    assert bytes(kit_dek) == keys.items["DEK"]
+    keys.add_kit(code)
+    # The legacy PLT1 recovery key (a second wrap in key.json) is still searched for.
+    legacy = subprocess.run(
+        [sys.executable, "-c", _LEGACY, str(home)], env=key_env, capture_output=True, text=True
+    )
+    assert legacy.returncode == 0, legacy.stderr
+    keys.add("legacy recovery key", decode_recovery(legacy.stdout.strip()))
+    # Change a character in the middle; a kit that is not base32; a kit of other data.
     wrong = code[:10] + ("A" if code[10] != "A" else "B") + code[11:]
-    for bad in (wrong, "PLT1-" + "0" * 52):  # wrong key; mistyped (not base32)
-        cli("key", "recover", "--code", bad, ok=False)
+    other = encode_kit(kit_id, os.urandom(32))
+    for bad in (wrong, "PLTK-" + "0" * 72, other, legacy.stdout.strip()[:-3] + "AAA"):
+        cli("key", "recover", input=bad, ok=False)
+    cli("key", "recover", "--code", code, ok=False)  # refused: never a secret in argv
+    cli("key", "recovery-confirm", input=other, ok=False)
+    cli("key", "recovery-confirm", input=code)
     cli("key", "status")
     if backend == "file":
         cli("doctor", ok=None)  # its exit code reflects warnings (the file backend is one)
@@ -172,20 +201,21 @@ def test_key_material_never_in_logs_or_errors(home: Path, key_env: dict[str, str
     _set_kek(key_env, home, other)
     keys.add("substituted KEK", other)
     _fails_to_start(home, key_env, outputs)
-    # ... and recovered with the recovery key, which makes a fresh KEK.
-    cli("key", "recover", "--code", code)
+    # ... and recovered with the recovery kit, which makes a fresh KEK.
+    cli("key", "recover", input=code)
     dek, kek = keys_now(key_env, home)
     keys.add("KEK after recovery", kek)
     assert dek == keys.items["DEK"]
 
     # The KEK missing altogether.
     if backend == "file":
-        for f in paths.data_dir.glob("kek-*.kek"):
-            saved, saved_name = f.read_bytes(), f
+        saved = {f: f.read_bytes() for f in paths.data_dir.glob("kek-*.kek")}
+        for f in saved:
             f.unlink()
         _fails_to_start(home, key_env, outputs)
-        saved_name.write_bytes(saved)
-        os.chmod(saved_name, 0o600)
+        for f, data in saved.items():
+            f.write_bytes(data)
+            os.chmod(f, 0o600)
     d = DaemonProc(home, key_env).start()
     with d.client() as c:
         assert c.status()["events"]["total"] == 1
