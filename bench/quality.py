@@ -113,6 +113,12 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=TrainConfig.batch_tokens)
     ap.add_argument("--streams", type=int, default=TrainConfig.streams)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N pairs (smoke)")
+    ap.add_argument(
+        "--min-steps",
+        type=int,
+        default=TrainConfig.min_steps,
+        help="Palate's minimum optimizer steps (lower it for a quick --limit smoke)",
+    )
     ap.add_argument("--json-out", default="")
     ap.add_argument(
         "--anchor",
@@ -141,6 +147,7 @@ def main() -> int:
         max_tokens=args.max_tokens,
         batch_tokens=args.batch_tokens,
         streams=args.streams,
+        min_steps=args.min_steps,
     )
     print(
         f"train {len(train)} pairs, eval {len(test)} pairs; config {config.to_json()}", flush=True
