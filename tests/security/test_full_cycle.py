@@ -49,13 +49,18 @@ def needles(canary: str) -> dict[str, bytes]:
 
 
 def modes(root: Path, skip: set[Path]) -> list[str]:
-    """Everything under root that is not 0700 (directories) / 0600 (anything else)."""
+    """Everything under root that is not 0700 (directories) / 0600 (anything else).
+
+    MLX's compiled-kernel cache in the daemon's private TMPDIR (``tmp/mlx/...``) holds shared
+    libraries, 0700 by nature: not Palate's files, but nothing there may be open to others."""
     bad = []
     for p in [root, *root.rglob("*")]:
         if p in skip:
             continue
         st = p.lstat()
         want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+        if "mlx" in p.relative_to(root).parts[:2] and p.suffix == ".so":
+            want = stat.S_IMODE(st.st_mode) & 0o700
         if stat.S_IMODE(st.st_mode) != want or st.st_uid != os.getuid():
             bad.append(f"{p} {stat.filemode(st.st_mode)} uid {st.st_uid}")
     return bad
