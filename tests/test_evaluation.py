@@ -214,3 +214,49 @@ def test_probe_set_is_shipped_and_sane() -> None:
     longer = evaluate(recs)["baselines"]["always_longer"]["accuracy"]
     assert 0.35 <= longer <= 0.65
     assert recs[0].source == "probe" and recs[0].domain == probes[0].category
+
+
+# -- the cluster bootstrap and the ratings' AUC (mutation-testing survivors, killed) -------
+
+
+def test_cluster_codes_by_hand() -> None:
+    from palate.evaluation.heldout import cluster_codes
+
+    assert cluster_codes(["a", "b", "a", "", "", "b"]).tolist() == [0, 1, 0, 2, 3, 1]
+
+
+def test_cluster_bootstrap_resamples_every_cluster_and_whole_clusters() -> None:
+    from palate.evaluation.heldout import cluster_bootstrap
+
+    # Ten singletons, one of them 1: the replicates average 0.1 (cluster 0 is drawn too).
+    boot = cluster_bootstrap([1.0] + [0.0] * 9, list(range(10)), n_boot=4000, seed=1)
+    assert boot.shape == (4000,) and boot.mean() == pytest.approx(0.1, abs=0.01)
+    assert boot.std() == pytest.approx(math.sqrt(0.09 / 10), rel=0.1)  # sqrt(p(1-p)/n)
+    # The same 40 values as 10 clusters of 4 identical copies carry the information of 10
+    # values, not 40: the spread is twice that of 40 independent items.
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=10)
+    clustered = cluster_bootstrap(np.repeat(v, 4), np.repeat(np.arange(10), 4), 4000, 2)
+    independent = cluster_bootstrap(np.repeat(v, 4), np.arange(40), 4000, 2)
+    assert clustered.std() == pytest.approx(2 * independent.std(), rel=0.15)
+    with pytest.raises(ValueError):
+        cluster_bootstrap([1.0, 2.0], [0])
+
+
+def test_weighted_auc_with_unit_weights_is_the_auc_with_ties() -> None:
+    from palate.evaluation.heldout import _weighted_auc
+
+    s = np.array([0.3, 0.3, 0.1, 0.9, 0.3, 0.5])
+    y = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
+    got = _weighted_auc(s, y, np.ones((1, s.size)))[0]
+    assert got == pytest.approx(rating_auc(s, y))
+    # Weight 2 on an item counts it twice.
+    w = np.ones((1, s.size))
+    w[0, 0] = 2.0
+    twice = _weighted_auc(np.append(s, 0.3), np.append(y, True), np.ones((1, s.size + 1)))
+    assert _weighted_auc(s, y, w)[0] == pytest.approx(twice[0])
+
+
+def test_a_label_of_one_half_counts_as_good() -> None:
+    assert rating_auc([1.0, 0.0], [0.5, 0.0]) == 1.0
+    assert rating_auc([1.0, 0.0], [0.49, 0.0]) is None  # both bad: no AUC

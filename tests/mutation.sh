@@ -1,0 +1,39 @@
+#!/bin/sh
+# Mutation testing with mutmut 3 (dev extra), time-bounded, in a throwaway worktree of HEAD.
+#
+#   MODULES="evaluation/gate.py" TESTS="tests/test_gate.py" BUDGET_S=600 sh tests/mutation.sh
+#   sh tests/mutation.sh 'palate.evaluation.heldout.x_paired_bootstrap*'   # only these mutants
+#
+# The worktree keeps the shared tree clean (mutmut writes mutants/ and its state next to the
+# sources). mutmut 3 maps file paths to module names only for ./, src/ or source/ layouts,
+# so the worktree's daemon/ is renamed src/. Results: the run's summary line and
+# `mutmut results` (survivors), printed at the end; docs/reliability.md has the figures.
+set -eu
+MODULES=${MODULES:-"evaluation/gate.py evaluation/heldout.py evaluation/metrics.py"}
+TESTS=${TESTS:-"tests/test_gate.py tests/test_evaluation.py"}
+BUDGET_S=${BUDGET_S:-600}
+root=$(git rev-parse --show-toplevel)
+work="$(mktemp -d)/palate-mutation"
+git -C "$root" worktree add -q --detach "$work" HEAD
+trap 'git -C "$root" worktree remove --force "$work"' EXIT
+cd "$work"
+mv daemon src
+{
+  echo
+  echo "[tool.mutmut]"
+  echo 'source_paths = ["src/palate/"]'
+  printf 'only_mutate = ['
+  for m in $MODULES; do printf '"src/palate/%s", ' "$m"; done
+  echo ']'
+  printf 'pytest_add_cli_args_test_selection = ['
+  for t in $TESTS; do printf '"%s", ' "$t"; done
+  echo ']'
+  echo 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]'
+} >> pyproject.toml
+timeout "$BUDGET_S" "$root/.venv/bin/mutmut" run --max-children 2 "$@" | tr '\r' '\n' | tail -3 || true
+# Every mutant that was run and not killed, with its diff (mutants not reached in the budget
+# are "not checked" and left out).
+"$root/.venv/bin/mutmut" results | grep -v "not checked" | while read -r line; do
+  echo "== $line"
+  "$root/.venv/bin/mutmut" show "${line%%:*}" 2>/dev/null | grep '^[-+][^-+]' || true
+done
