@@ -30,7 +30,10 @@ mv daemon src
   echo ']'
   echo 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]'
 } >> pyproject.toml
-timeout "$BUDGET_S" "$root/.venv/bin/mutmut" run --max-children 2 "$@" | tr '\r' '\n' | tail -3 || true
+# The last progress line is the summary: done/total, killed, no tests, timeout, suspicious,
+# survived, skipped.
+timeout "$BUDGET_S" "$root/.venv/bin/mutmut" run --max-children 2 "$@" | tr '\r' '\n' \
+  | grep -E '[0-9]+/[0-9]+ ' | tail -1 || true
 # Every mutant that was run and not killed, with its diff (mutants not reached in the budget
 # are "not checked" and left out).
 "$root/.venv/bin/mutmut" results | grep -v "not checked" | while read -r line; do

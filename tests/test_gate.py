@@ -116,7 +116,9 @@ def test_a_good_first_model_deploys_with_reasons() -> None:
     assert all(c.status in ("pass", "skip", "info") for c in d.checks)
     assert any("75.0% on 200 pairs" in r for r in d.reasons)
     assert any("No model is deployed yet" in r for r in d.reasons)
-    json.dumps(d.to_json())
+    j = json.loads(json.dumps(d.to_json()))
+    assert j["action"] == "deploy" and j["reasons"] == d.reasons
+    assert [c["name"] for c in j["checks"]] == [c.name for c in d.checks]
 
 
 def test_not_enough_data_holds_and_says_so() -> None:
