@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import sys
 import threading
 from collections.abc import Iterable, Sequence
@@ -299,6 +300,11 @@ def self_check_error(model: nn.Module, n_tokens: int = 12) -> float:
 
     rm = RewardModel(model, LoraConfig(layers=0), seed=0)  # head only: no LoRA at all
     rm.eval()
+    # A probe head with outputs of order 1: the trained head's small initialisation gives
+    # rewards near 0.1, and the 1 + |reward| normalisation below would then hide a forward that
+    # computes another function (a random Gemma passed the check with it).
+    w = rm.head.weight
+    rm.head.weight = mx.random.normal(w.shape, key=mx.random.key(0)) / math.sqrt(w.shape[-1])
     vocab = int(getattr(model.args, "vocab_size", 0) or rm.embed_tokens.weight.shape[0])
     ids = [(7 * i + 3) % vocab for i in range(n_tokens)]
     cut = n_tokens * 2 // 3
