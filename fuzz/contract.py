@@ -63,8 +63,10 @@ PARAM_TYPES: dict[str, str] = {
     "kind": "str",
     "q": "str",
     "before": "int",
+    "limit": "int",
     "preview": "int",
     "full": "bool",
+    "id": "str",
     "days": "int",
     "tz_offset_s": "int",
     "for_s": "num",
@@ -72,8 +74,20 @@ PARAM_TYPES: dict[str, str] = {
     "lower_bound": "num",
     "remember": "bool",
     "answer": "str",
-    "limit": "int",
-    "id": "str",
+    # generation (docs/generation.md)
+    "n": "int",
+    "strategy": "str",
+    "lambda": "num",
+    "kappa": "num",
+    "max_tokens": "int",
+    "temperature": "num",
+    "top_p": "num",
+    "seed": "int",
+    "policy": "policy",
+    "model": "str",
+    "reward_model": "path",
+    "pairs": "pairs",
+    "deploy": "bool",
 }
 #: How docs/protocol.md's parameter tables spell those types.
 _DOC_TYPES = {
@@ -86,10 +100,12 @@ _DOC_TYPES = {
     "events": {"[map]"},
     "cursor": {"map"},
     "[str]": {"[str]"},
+    "policy": {"str or int"},
+    "pairs": {"[map]"},
 }
 
 #: Methods that start heavy work when their params are valid: fuzzed with invalid params only.
-HEAVY = frozenset({"train"})
+HEAVY = frozenset({"train", "policy_register"})
 
 
 def method_table() -> list[str]:
@@ -253,6 +269,8 @@ def valid_value(kind: str, sandbox: str) -> Any:
         "events": valid_events()[:3],
         "cursor": {"adapter": "a", "key": "k", "value": {"offset": 1}},
         "[str]": ["a", "b"],
+        "policy": "base",
+        "pairs": [{"prompt": "p", "chosen": "a", "rejected": "b"}],
     }[kind]
 
 
@@ -365,6 +383,34 @@ def edge_values(kind: str, sandbox: str) -> list[Any]:
             {"adapter": "a", "key": "k", "value": b"\x00\xff"},
             {"adapter": 1, "key": "k", "value": 1},
             {"adapter": "a", "key": "k", "value": 1, "extra": 2},
+        ]
+    if kind == "policy":
+        return [
+            "base",
+            "",
+            "relative",
+            0,
+            1,
+            -1,
+            2**63,
+            True,
+            BAD_UTF8,
+            f"{sandbox}",
+            f"{sandbox}/missing",
+            f"{sandbox}/a\x00b",
+        ]
+    if kind == "pairs":
+        pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+        return [
+            [],
+            [pair],
+            [{}],
+            [1],
+            [None],
+            [{**pair, "prompt": BAD_UTF8}],
+            [{**pair, "chosen": 1}],
+            [pair] * 1001,
+            [{**pair, "extra": 1}],
         ]
     raise KeyError(kind)
 

@@ -258,6 +258,9 @@ for _pause_cmd in ("pause", "resume"):
     cli.add_command(getattr(importlib.import_module("palate.cli.pause"), _pause_cmd))
 cli.add_command(schedule_command)
 cli.add_command(ui_command)
+# Generation (docs/generation.md): imported by name so the group stays one edit here.
+for _module, _name in (("palate.cli.generate", "generate"), ("palate.cli.policy", "policy")):
+    cli.add_command(getattr(importlib.import_module(_module), _name))
 cli.add_command(federate_group)
 
 

@@ -35,7 +35,7 @@ from palate.model.ensemble import (
 from palate.runtime.jobs import TrainingJobs
 from palate.runtime.scheduler import Scheduler
 from palate.runtime.serving import ScoringService, softmax
-from palate.store.database import IngestGroup, Store, export_jsonl
+from palate.store.database import POLICY_KIND, IngestGroup, Store, export_jsonl
 from palate.store.keys import KeyStatus
 from palate.store.writer import StoreWriter
 from palate.wire.protocol import LIMITS
@@ -46,6 +46,11 @@ MIN_API_LEVEL = 1
 MAX_CANDIDATES = 32
 MAX_SCORE_TEXT = 50_000
 DEFAULT_SCORE_TIMEOUT_S = 30.0
+#: generate (docs/generation.md): new tokens per candidate, and the default deadline (a CPU
+#: samples ~10-30 tokens/s per sequence); policy_register: held-out pairs a client may send.
+MAX_GENERATE_TOKENS = 1024
+DEFAULT_GENERATE_TIMEOUT_S = 300.0
+MAX_EVAL_PAIRS = 1000
 #: p(top > runner-up) needed to call a rerank "confident".
 CONFIDENT_P = 0.75
 
@@ -216,6 +221,8 @@ class Api:
             "score": self.score,
             "rerank": self.rerank,
             "compare": self.compare,
+            "generate": self.generate,
+            "policy_register": self.policy_register,
             "events_list": self.events_list,
             "event_get": self.event_get,
             "events_stats": self.events_stats,
@@ -235,6 +242,8 @@ class Api:
         self.jobs: TrainingJobs | None = None
         #: Adapter supervision snapshot, set by the daemon when it runs adapters.
         self.adapter_states: Callable[[], list[dict[str, Any]]] = list
+        #: Policies and bases for generate/policy_register (docs/generation.md); on MLX thread.
+        self.generation: Any = None
         #: Called with the new version after every deploy/rollback (the scorer hot-swaps).
         self.on_deploy: list[Callable[[int], Awaitable[None]]] = []
         #: The review queue is ordered by the deployed model's view: re-scored after a deploy.
@@ -581,6 +590,7 @@ class Api:
             return {
                 "models": s.list_models(),
                 "deployed": s.deployed_version(),
+                "policy_deployed": s.deployed_policy(),
                 "rollback_target": s.rollback_target(),
                 "deployments": s.deployments(),
             }
@@ -594,7 +604,7 @@ class Api:
         override = bool(_param(params, "override", bool))
         reason = _param(params, "reason", str) or "deployed by the user"
 
-        def run(s: Store) -> int | None:
+        def run(s: Store) -> tuple[int | None, bool]:
             info, _ = s.get_model(version)
             passed = info["meta"].get("decision") == "deploy"
             if not passed and not override:
@@ -605,11 +615,14 @@ class Api:
                     f"anyway with override (`palate deploy {version} --override`)",
                     {"state": state, "decision": info["meta"].get("decision")},
                 )
-            return s.deploy_model(
-                version, how="override" if not passed else "manual", reason=reason
-            )
+            how = "override" if not passed else "manual"
+            if info["meta"].get("kind") == POLICY_KIND:  # generation's policy, not the scorer
+                return s.deploy_policy(version, how=how, reason=reason), True
+            return s.deploy_model(version, how=how, reason=reason), False
 
-        previous = await self.writer.call(run)
+        previous, policy = await self.writer.call(run)
+        if policy:
+            return {"deployed": version, "previous": previous, "kind": POLICY_KIND}
         await self._deployed(version)
         return {"deployed": version, "previous": previous}
 
@@ -981,3 +994,234 @@ class Api:
             return {"id": item_id, "queued": item_id is not None, "why": item["why"]}
         item_id, why = await self._remember(source, prompt, cands, model, res)
         return {"id": item_id, "queued": item_id is not None, "why": why}
+
+    # -- generation (docs/generation.md) ---------------------------------------------------
+    def _mlx_work(self) -> tuple[ScoringService, Any]:
+        if self.serving is None:
+            raise PalateError("unavailable", "this daemon does not run models")
+        if self.generation is None:
+            from palate.generation.service import GenerationService
+
+            self.generation = GenerationService()
+        return self.serving, self.generation
+
+    def _fetch_policy(self) -> Callable[[int], tuple[dict[str, Any], bytes]]:
+        """A store read for the MLX thread (it blocks that thread, never the loop)."""
+        loop = asyncio.get_running_loop()
+
+        def fetch(version: int) -> tuple[dict[str, Any], bytes]:
+            def read(s: Store) -> tuple[dict[str, Any], bytes]:
+                info, blob = s.get_model(version)
+                if info["meta"].get("kind") != POLICY_KIND:
+                    raise PalateError("not_found", f"version {version} is not a policy adapter")
+                return info, blob
+
+            return asyncio.run_coroutine_threadsafe(self.writer.call(read), loop).result(60)
+
+        return fetch
+
+    @staticmethod
+    def _abs_path(params: Mapping[str, Any], name: str) -> Path | None:
+        raw = _param(params, name, str)
+        if raw is None:
+            return None
+        if "\x00" in raw or not os.path.isabs(raw):
+            raise PalateError(
+                "invalid_request", f"{name} must be an absolute path", {"param": name}
+            )
+        return Path(raw)
+
+    async def generate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """N candidates from the policy, scored by the reward model, one chosen."""
+        from palate.generation.strategies import DEFAULT_KAPPA, DEFAULT_LAMBDA, STRATEGIES
+
+        _no_extra(
+            params,
+            {
+                "prompt",
+                "n",
+                "strategy",
+                "lambda",
+                "kappa",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "seed",
+                "policy",
+                "model",
+                "reward_model",
+                "timeout_ms",
+            },
+        )
+        prompt = self._check_text(_param(params, "prompt", str, required=True), "prompt")
+        n = _bounded(params, "n", 1, MAX_CANDIDATES) or 4
+        strategy = _param(params, "strategy", str) or "best"
+        if strategy not in STRATEGIES:
+            raise PalateError(
+                "invalid_request",
+                f"strategy must be one of {', '.join(STRATEGIES)}",
+                {"param": "strategy"},
+            )
+        lam = _finite(params, "lambda")
+        kappa = _finite(params, "kappa")
+        temperature = _finite(params, "temperature")
+        top_p = _finite(params, "top_p")
+        if (
+            (lam is not None and not 0 < lam <= MAX_LOWER_BOUND)
+            or (kappa is not None and not 0 <= kappa <= MAX_LOWER_BOUND)
+            or (temperature is not None and not 0 <= temperature <= 5)
+            or (top_p is not None and not 0 < top_p <= 1)
+        ):
+            raise PalateError(
+                "invalid_request",
+                "lambda must be in (0, 100], kappa in [0, 100], temperature in "
+                "[0, 5] and top_p in (0, 1]",
+            )
+        max_tokens = _bounded(params, "max_tokens", 1, MAX_GENERATE_TOKENS) or 128
+        seed = _bounded(params, "seed", 0, 2**32 - 1)
+        policy = params.get("policy")
+        if isinstance(policy, int) and not isinstance(policy, bool):
+            policy = _version({"version": policy})
+        elif policy is not None and policy != "base":
+            policy = self._abs_path(params, "policy")
+        model = _param(params, "model", str)
+        reward_dir = self._abs_path(params, "reward_model")
+        timeout_ms = _param(params, "timeout_ms", int)
+        timeout = DEFAULT_GENERATE_TIMEOUT_S if timeout_ms is None else max(timeout_ms, 1) / 1000
+        serving, gen = self._mlx_work()
+        if policy is None:
+            policy = await self.writer.call(lambda s: s.deployed_policy()) or "base"
+
+        from palate.generation.engine import GenerateRequest
+        from palate.generation.sampling import SampleConfig
+
+        defaults = SampleConfig()
+        req = GenerateRequest(
+            prompt,
+            n,
+            strategy,
+            DEFAULT_LAMBDA if lam is None else lam,
+            DEFAULT_KAPPA if kappa is None else kappa,
+            SampleConfig(
+                max_tokens,
+                defaults.temperature if temperature is None else temperature,
+                defaults.top_p if top_p is None else top_p,
+                seed,
+            ),
+        )
+        fetch = self._fetch_policy()
+
+        def job(ctx: Any) -> dict[str, Any]:
+            from palate.generation.service import ScorerRef
+
+            if reward_dir is not None:
+                judge = gen.reward_dir(reward_dir, None)
+            else:
+                ls = ctx.scorer()
+                judge = ScorerRef(ls.scorer, ls.version, ls.base)
+            return gen.generate(
+                judge, req, policy, model=model, fetch=fetch, between_steps=ctx.between_steps
+            )
+
+        return dict(await serving.run(job, timeout))
+
+    async def policy_register(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Evaluate a policy adapter directory on held-out pairs, ask the policy gate, store
+        it as a version of kind ``policy`` and, if the gate passed, deploy it."""
+        _no_extra(params, {"path", "pairs", "deploy", "reason", "timeout_ms"})
+        path = self._abs_path(params, "path")
+        if path is None:
+            raise PalateError("invalid_request", "missing parameter 'path'", {"param": "path"})
+        deploy = _param(params, "deploy", bool)
+        reason = _param(params, "reason", str) or "policy gate"
+        pairs = self._pairs(params.get("pairs"))
+        if pairs is None:
+            pairs = await self.writer.call(_heldout_pairs)
+        if not pairs:
+            raise PalateError(
+                "invalid_request",
+                "no held-out pairs to judge the adapter on; send pairs, or give feedback first",
+            )
+        timeout_ms = _param(params, "timeout_ms", int)
+        timeout = 3600.0 if timeout_ms is None else max(timeout_ms, 1) / 1000
+        serving, gen = self._mlx_work()
+
+        def job(ctx: Any) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+            from palate.generation.service import ScorerRef
+
+            ls = ctx.scorer()
+            return gen.evaluate(
+                ScorerRef(ls.scorer, ls.version, ls.base),
+                path,
+                pairs,
+                between_steps=ctx.between_steps,
+            )
+
+        blob, config, report = await serving.run(job, timeout)
+        from palate.generation.gate import decide_policy
+
+        decision = decide_policy(report)
+        meta = {
+            "kind": POLICY_KIND,
+            "metrics": report,
+            "decision": decision.action,
+            "reasons": decision.reasons,
+            "checks": decision.checks,
+            "training": {
+                "config": config.get("train_config", {}),
+                "metrics": config.get("metrics", {}),
+            },
+            "source": str(path),
+        }
+        state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]
+        deploy_it = decision.action == "deploy" and deploy is not False
+
+        def store(s: Store) -> tuple[int, int | None]:
+            v = s.add_model(
+                base_model=config["base_model"]["id"], meta=meta, artifact=blob, state=state
+            )
+            prev = s.deploy_policy(v, how="gate", reason=reason) if deploy_it else None
+            return v, prev
+
+        version, previous = await self.writer.call(store)
+        return {
+            "version": version,
+            "decision": decision.action,
+            "reasons": decision.reasons,
+            "checks": decision.checks,
+            "metrics": report,
+            "deployed": deploy_it,
+            "previous": previous,
+        }
+
+    def _pairs(self, raw: Any) -> list[Any] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, (list, tuple)) or not 0 < len(raw) <= MAX_EVAL_PAIRS:
+            raise PalateError(
+                "invalid_request", f"pairs must hold 1..{MAX_EVAL_PAIRS} pairs", {"param": "pairs"}
+            )
+        from palate.events import PairExample
+
+        out = []
+        for i, p in enumerate(raw):
+            if not isinstance(p, dict):
+                raise PalateError("invalid_request", f"pairs[{i}] must be a map")
+            out.append(
+                PairExample(
+                    self._check_text(p.get("prompt"), f"pairs[{i}].prompt"),
+                    self._check_text(p.get("chosen"), f"pairs[{i}].chosen"),
+                    self._check_text(p.get("rejected"), f"pairs[{i}].rejected"),
+                )
+            )
+        return out
+
+
+def _heldout_pairs(s: Store) -> list[Any]:
+    """The store's held-out pairs (the split the reward model's gate uses)."""
+    from palate.evaluation.split import example_key, split_items
+    from palate.events import PairExample, to_examples
+
+    examples = [e for ev in s.iter_events() for e in to_examples(ev)]
+    held = split_items(examples, key=example_key).heldout
+    return [e for e in held if isinstance(e, PairExample)]

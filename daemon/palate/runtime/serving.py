@@ -50,6 +50,7 @@ class LoadedScorer:
     temperature: float
     mean: float
     std: float
+    base: Any = None  # the loaded base model (generation samples from it)
 
 
 Loader = Callable[[int | None], LoadedScorer | None]
@@ -65,7 +66,38 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-def _deliver(req: _Request, value: Any, error: BaseException | None) -> None:
+@dataclass
+class _Call:
+    """Work other than scoring that must run on the MLX thread (``generate``): ``fn`` gets
+    a :class:`MlxContext`."""
+
+    fn: Callable[[MlxContext], Any]
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class MlxContext:
+    """What a :class:`_Call` may use on the MLX thread."""
+
+    def __init__(self, service: ScoringService, call: _Call) -> None:
+        self._service = service
+        self._call = call
+
+    def scorer(self) -> LoadedScorer:
+        """The deployed reward model (loaded if needed); ``no_model`` when there is none."""
+        return self._service._ensure_model()
+
+    def between_steps(self) -> None:
+        """Serve the scoring requests queued meanwhile, so a long call never starves them;
+        stop the call (an exception nobody receives) once its caller is gone."""
+        self._service._serve_queued()
+        if self._call.cancelled.is_set():
+            raise PalateError("busy", "the caller hung up or its deadline passed")
+
+
+def _deliver(req: _Request | _Call, value: Any, error: BaseException | None) -> None:
     def set_it() -> None:
         if req.future.done():
             return
@@ -86,7 +118,8 @@ class ScoringService:
     ) -> None:
         self._load = load
         self.idle_unload_s = idle_unload_s
-        self._q: queue.Queue[_Request | None] = queue.Queue(maxsize=max_queued)
+        self._q: queue.Queue[_Request | _Call | None] = queue.Queue(maxsize=max_queued)
+        self._deferred: list[_Call] = []  # calls met while batching or between steps
         self._thread = threading.Thread(target=self._run, name="palate-mlx", daemon=True)
         self._current: LoadedScorer | None = None
         self._want: int | None = None  # version to switch to before the next batch
@@ -137,7 +170,61 @@ class ScoringService:
                 raise PalateError("busy", f"no score within the {timeout_s:g} s deadline") from e
             raise
 
-    def _put(self, req: _Request) -> bool:
+    async def run(self, fn: Callable[[MlxContext], Any], timeout_s: float) -> Any:
+        """Run ``fn(context)`` on the MLX thread (after the batch in progress) and return
+        its result; ``busy`` when the queue is full or the deadline passes first."""
+        loop = asyncio.get_running_loop()
+        call = _Call(fn, time.monotonic() + timeout_s, loop, loop.create_future())
+        if not (self._put(call) or (self._drop_cancelled() and self._put(call))):
+            raise PalateError(
+                "busy", "the model thread is saturated; retry shortly", {"queued": self._q.maxsize}
+            )
+        try:
+            return await asyncio.wait_for(asyncio.shield(call.future), timeout_s + 1.0)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
+            call.cancelled.set()
+            if isinstance(e, asyncio.TimeoutError):
+                raise PalateError("busy", f"no answer within the {timeout_s:g} s deadline") from e
+            raise
+
+    def _call(self, call: _Call) -> None:
+        if call.cancelled.is_set():
+            return
+        if time.monotonic() > call.deadline:
+            _deliver(call, None, PalateError("busy", "the request waited past its deadline"))
+            return
+        try:
+            result = call.fn(MlxContext(self, call))
+        except PalateError as e:
+            if not call.cancelled.is_set():  # a stopped call's caller has been answered
+                _deliver(call, None, e)
+            return
+        except Exception as e:
+            log.exception("work on the model thread failed")
+            _deliver(call, None, PalateError("model_error", f"{type(e).__name__}: {e}"))
+            return
+        self._last_used = time.monotonic()
+        _deliver(call, result, None)
+
+    def _serve_queued(self) -> None:
+        """Score every request queued right now in one batch; calls wait their turn."""
+        batch: list[_Request] = []
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._q.put(None)  # stop once the running call is done
+                break
+            if isinstance(item, _Call):
+                self._deferred.append(item)
+            else:
+                batch.append(item)
+        if batch:
+            self._serve(batch)
+
+    def _put(self, req: _Request | _Call) -> bool:
         try:
             self._q.put_nowait(req)
         except queue.Full:
@@ -161,6 +248,9 @@ class ScoringService:
     # -- the MLX thread --------------------------------------------------------------
     def _run(self) -> None:
         while True:
+            if self._deferred:
+                self._call(self._deferred.pop(0))
+                continue
             try:
                 first = self._q.get(timeout=min(60.0, self.idle_unload_s))
             except queue.Empty:
@@ -168,6 +258,9 @@ class ScoringService:
                 continue
             if first is None:
                 return
+            if isinstance(first, _Call):
+                self._call(first)
+                continue
             batch = [first]
             n = len(first.responses)
             chars = _chars(first)
@@ -184,6 +277,9 @@ class ScoringService:
                     break
                 if nxt is None:
                     self._q.put(None)  # stop after this batch
+                    break
+                if isinstance(nxt, _Call):
+                    self._deferred.append(nxt)  # runs right after this batch
                     break
                 batch.append(nxt)
                 n += len(nxt.responses)
@@ -296,6 +392,7 @@ def store_loader(fetch: Callable[[int | None], tuple[dict[str, Any], bytes] | No
             temperature=float(cal.temperature),
             mean=float(cal.mean),
             std=float(cal.std),
+            base=loaded.base,
         )
 
     return load

@@ -178,6 +178,9 @@ FORGET_COUNT_KEY = "forget.count"
 FORGET_PURGE_WAIT_S = 30.0
 #: Lifecycle states of a model version (the registry, a later part, moves them).
 MODEL_STATES = ("candidate", "deployed", "rejected", "held", "retired")
+#: meta kind of a policy adapter's row, and the meta key naming the one that serves.
+POLICY_KIND = "policy"
+POLICY_DEPLOYED = "policy.deployed"
 #: How long a review question stays open, and how many open ones are kept (the least
 #: informative go first). Answered rows keep no text, only that they were answered.
 REVIEW_TTL_S = 14 * 86_400.0
@@ -1026,6 +1029,31 @@ class Store:
         row = self._conn.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
         return None if row is None else int(row[0])
 
+    # Policy adapters (docs/generation.md) are rows of this table with meta kind "policy";
+    # one is never the deployed reward model: the one serving generation is named in meta.
+    def deployed_policy(self) -> int | None:
+        value = self.get_meta(POLICY_DEPLOYED)
+        return None if value is None else int(value)
+
+    def deploy_policy(self, version: int, *, how: str, reason: str) -> int | None:
+        """Make ``version`` (a policy adapter) the one generation samples from; returns the
+        previous one."""
+        with self._write("deploying the policy") as c:
+            row = c.execute("SELECT meta FROM models WHERE version = ?", (version,)).fetchone()
+            if row is None or json.loads(row[0]).get("kind") != POLICY_KIND:
+                raise PalateError("not_found", f"no policy adapter version {version}")
+            previous = self.get_meta(POLICY_DEPLOYED)
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value",
+                (POLICY_DEPLOYED, json.dumps(version)),
+            )
+            self.audit(
+                "deploy_policy",
+                {"version": version, "previous": previous, "how": how, "reason": reason},
+            )
+        return None if previous is None else int(previous)
+
     def deploy_model(self, version: int, *, how: str, reason: str) -> int | None:
         """Make ``version`` the one deployed model, atomically; return the previous one.
 
@@ -1034,9 +1062,13 @@ class Store:
         ``override``, ``rollback``) for the history the user sees.
         """
         with self._write("deploying the model") as c:
-            row = c.execute("SELECT state FROM models WHERE version = ?", (version,)).fetchone()
+            row = c.execute("SELECT meta FROM models WHERE version = ?", (version,)).fetchone()
             if row is None:
                 raise PalateError("not_found", f"no model version {version}")
+            if json.loads(row[0]).get("kind") == POLICY_KIND:
+                raise PalateError(
+                    "conflict", f"version {version} is a policy adapter, not a reward model"
+                )
             prev_row = c.execute("SELECT version FROM models WHERE state = 'deployed'").fetchone()
             previous = None if prev_row is None else int(prev_row[0])
             if previous == version:
@@ -1071,7 +1103,7 @@ class Store:
     def prune_models(self, keep: int) -> list[int]:
         """Delete old versions beyond the newest ``keep``, never the deployed version or
         the one a rollback would return to. Returns the versions deleted."""
-        protected = {self.deployed_version(), self.rollback_target()}
+        protected = {self.deployed_version(), self.rollback_target(), self.deployed_policy()}
         versions = [
             int(r[0])
             for r in self._conn.execute("SELECT version FROM models ORDER BY version DESC")

@@ -241,6 +241,29 @@ export class Client {
   }
 
   /**
+   * Sample `n` answers to `prompt` from the local policy and return the one the
+   * reward model prefers (docs/generation.md): `best`, `best_index`, `candidates`,
+   * `scores`, `z`, `finish`, `strategy`, `policy`, `usage`, `version`, and
+   * `uncertainty` when the reward model is an ensemble. Generation takes seconds
+   * on a CPU, so the default timeout is 5 minutes. `no_model` until a reward
+   * model is deployed; `unknown_method` from a daemon without `generate`.
+   * @param {string} prompt
+   * @param {{n?: number, strategy?: 'best'|'soft'|'lower_bound', lambda?: number,
+   *   kappa?: number, maxTokens?: number, temperature?: number, topP?: number,
+   *   seed?: number, policy?: 'base'|number|string, model?: string,
+   *   rewardModel?: string, timeoutMs?: number}} [options]
+   * @returns {Promise<Record<string, any>>}
+   */
+  generate(prompt, options = {}) {
+    const { n, strategy, lambda, kappa, maxTokens, temperature, topP, seed, policy, model,
+      rewardModel, timeoutMs = 300_000 } = options;
+    return this.call('generate', {
+      prompt, n, strategy, lambda, kappa, max_tokens: maxTokens, temperature, top_p: topP,
+      seed, policy, model, reward_model: rewardModel, timeout_ms: timeoutMs,
+    }, { timeoutMs: timeoutMs + 5_000 });
+  }
+
+  /**
    * Close the connection. Outstanding calls fail with `unavailable`.
    * @returns {Promise<void>} resolves once the socket is closed
    */

@@ -111,6 +111,17 @@ describe('Client against a real daemon', { skip: SKIP_REASON }, () => {
     assert.match(err.message, /palate train/);
   });
 
+  test('generate maps its options to the wire and needs a deployed model', async () => {
+    const none = await client.generate('p', { n: 2, maxTokens: 4, seed: 1 }).catch((e) => e);
+    assert.equal(none.code, 'no_model');
+    const bad = await client.generate('p', { maxTokens: 0 }).catch((e) => e);
+    assert.equal(bad.code, 'invalid_request');
+    assert.equal(bad.details.param, 'max_tokens');
+    const strategy = await client.generate('p', { strategy: 'worst' }).catch((e) => e);
+    assert.equal(strategy.code, 'invalid_request');
+    assert.match(strategy.message, /strategy/);
+  });
+
   test('unknown parameters are refused, not ignored', async () => {
     const err = await client.call('status', { verbose: true }).catch((e) => e);
     assert.equal(err.code, 'invalid_request');
