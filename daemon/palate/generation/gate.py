@@ -29,9 +29,9 @@ class PolicyGate:
     min_pairs: int = _h(20, "below this many held-out pairs the gate holds")
     min_win_n: int = _h(8, "below this many judged policy-vs-base samples the gate holds")
     require_win_ci: bool = _h(True, "the win rate's 95% lower bound must exceed 50%")
-    # The dev-slice adapters measured 1e-5 .. 1e-2 nats per token (docs/benchmarks.md, "DPO");
-    # 0.25 per token, some 25 nats over a 100-token answer, is far beyond a useful adapter
-    # and catches one that has collapsed onto a few phrases.
+    # The dev-slice adapters measured 4e-6 (lr 1e-5) and 2e-3 (lr 1e-4, 256 pairs) nats per
+    # token (docs/benchmarks.md, "DPO"); 0.25 per token, 25 nats over a 100-token answer, is
+    # far beyond them and catches an adapter that has collapsed onto a few phrases.
     max_kl_per_token: float = _h(0.25, "KL(policy || base) per sampled token must stay below")
 
     def to_json(self) -> dict[str, Any]:
