@@ -126,7 +126,9 @@ def test_a_run_in_progress_shows_in_status_and_doctor(tiny: tuple[DaemonProc, Pa
     )
     p = job["progress"]
     assert (p["phase_index"], p["phases"]) == (4, 5), p  # load, encode, cache, train, evaluate
-    assert p["overall_eta_s"] > p["eta_s"] > 0, "the whole run outlasts its current phase"
+    # >=: the tiny model's evaluation estimate can round to 0.0 s (tests/test_progress.py
+    # checks that later phases are added)
+    assert p["overall_eta_s"] >= p["eta_s"] > 0, "the whole run outlasts its current phase"
     assert 0 <= p["percent"] < 100
 
     st = d.cli("status")
