@@ -12,6 +12,7 @@ bound, 400 bytes per input byte, let 255 MiB through for a 4 MiB input).
 
 from __future__ import annotations
 
+import atexit
 import socket
 import sys
 import threading
@@ -145,4 +146,7 @@ def test_the_fuzz_heap_bound_sees_a_decoding_blow_up() -> None:
         assert msgs[-1][2]["code"] == "too_large"
         print(f"\none 4 MiB tiny-container message: heap peak {env.peak / 2**20:.1f} MiB")
     finally:
+        # make_env registers an exit-time report for libFuzzer runs; pytest tears down here,
+        # so nothing may print after pytest's summary (tests/test_fuzz_wire.py checks it)
+        atexit.unregister(env.report)
         env.close()
