@@ -27,6 +27,7 @@ from palate.cli.service import service as service_group
 from palate.cli.ui import ui as ui_command
 from palate.errors import PalateError
 from palate.paths import resolve
+from palate.service.checks_daemon import job_as_result
 from palate.wire.client import Client
 
 __all__ = ["EXIT_CODES", "cli", "main"]
@@ -173,7 +174,7 @@ def _model_training_schedule(d: dict[str, Any], listing: dict[str, Any]) -> list
         what.append(overall_eta(p) or f"started {_when(cur.get('started'))}")
         lines.append(f"training run {cur['id']} in progress: {', '.join(what)}")
     elif sched.get("last_result") or training.get("last"):
-        last = sched.get("last_result") or _job_as_result(training["last"])
+        last = sched.get("last_result") or job_as_result(training["last"])
         lines.append(f"training last run {_run_line(last)}")
     else:
         lines.append("training no run yet")
@@ -196,19 +197,6 @@ def _model_training_schedule(d: dict[str, Any], listing: dict[str, Any]) -> list
             + (f"; waiting for feedback: {waits[0]}" if waits else "")
         )
     return lines
-
-
-def _job_as_result(job: dict[str, Any]) -> dict[str, Any]:
-    res = job.get("result") or {}
-    return {
-        "job": job.get("id"),
-        "ts": job.get("finished"),
-        "outcome": job.get("outcome"),
-        "error": job.get("error"),
-        "version": res.get("version"),
-        "decision": res.get("decision"),
-        "deployed": res.get("deployed"),
-    }
 
 
 def _duration(s: float) -> str:

@@ -88,8 +88,11 @@ def _running(job: dict[str, Any]) -> str:
 
 def _from_jobs(status: dict[str, Any]) -> dict[str, Any] | None:
     job = (status.get("training") or {}).get("last")
-    if not job:
-        return None
+    return job_as_result(job) if job else None
+
+
+def job_as_result(job: dict[str, Any]) -> dict[str, Any]:
+    """A finished job from ``status.training`` in the shape of ``schedule.last_result``."""
     res = job.get("result") or {}
     return {
         "job": job.get("id"),
