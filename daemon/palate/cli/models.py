@@ -182,7 +182,7 @@ def report(version: int | None, out_dir: Path, as_json: bool) -> None:
     model, reliability diagram, score vs length) and the gate's decision with every reason.
     It holds numbers only: no text of your feedback.
     """
-    from palate.evaluation.report import render_report, write_report
+    from palate.evaluation.report import render_version_report, write_report
 
     with Client() as c:
         listing = c.call("models")
@@ -193,29 +193,7 @@ def report(version: int | None, out_dir: Path, as_json: bool) -> None:
     meta = info["meta"]
     if "metrics" not in meta:
         raise PalateError("not_found", f"version {v} has no evaluation to report")
-    history = [
-        {
-            "version": m["version"],
-            "created": m["created"],
-            "state": m["state"],
-            "metrics": m["meta"].get("metrics", {}),
-            "decision": m["meta"].get("decision"),
-        }
-        for m in listing["models"]
-    ]
-    decision = {
-        "action": meta.get("decision"),
-        "reasons": meta.get("reasons", []),
-        "checks": meta.get("checks", []),
-    }
-    html = render_report(
-        meta["metrics"],
-        decision,
-        history,
-        deployed_metrics=meta.get("deployed_metrics"),
-        train_curves=meta.get("training", {}).get("history"),
-        title=f"Palate model version {v}",
-    )
+    html = render_version_report(v, info, listing)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_report(out_dir / f"report-v{v}.html", html)
 

@@ -626,3 +626,33 @@ def write_report(path: str | os.PathLike[str], html_text: str) -> Path:
         finally:
             os.close(dfd)
     return target
+
+
+def render_version_report(version: int, info: Mapping[str, Any], listing: Mapping[str, Any]) -> str:
+    """The report of one registry version from the daemon's ``models`` answers (``info``: that
+    version, ``listing``: every version), as both ``palate report`` and the web UI show it.
+    The version must have an evaluation (``meta.metrics``)."""
+    meta = info["meta"]
+    history = [
+        {
+            "version": m["version"],
+            "created": m["created"],
+            "state": m["state"],
+            "metrics": m["meta"].get("metrics", {}),
+            "decision": m["meta"].get("decision"),
+        }
+        for m in listing["models"]
+    ]
+    decision = {
+        "action": meta.get("decision"),
+        "reasons": meta.get("reasons", []),
+        "checks": meta.get("checks", []),
+    }
+    return render_report(
+        meta["metrics"],
+        decision,
+        history,
+        deployed_metrics=meta.get("deployed_metrics"),
+        train_curves=meta.get("training", {}).get("history"),
+        title=f"Palate model version {version}",
+    )

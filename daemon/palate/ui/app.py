@@ -451,34 +451,12 @@ def _next(value: Any) -> str:
 
 def _report_html(version: int, info: Mapping[str, Any], listing: Mapping[str, Any]) -> str:
     """The registry's HTML report of one version (as `palate report` writes it)."""
-    from palate.evaluation.report import render_report
+    from palate.evaluation.report import render_version_report
 
     meta = info["meta"]
     if "metrics" not in meta:
         return f"<p>Version {version} has no evaluation to report.</p>"
-    history = [
-        {
-            "version": m["version"],
-            "created": m["created"],
-            "state": m["state"],
-            "metrics": m["meta"].get("metrics", {}),
-            "decision": m["meta"].get("decision"),
-        }
-        for m in listing["models"]
-    ]
-    decision = {
-        "action": meta.get("decision"),
-        "reasons": meta.get("reasons", []),
-        "checks": meta.get("checks", []),
-    }
     try:
-        return render_report(
-            meta["metrics"],
-            decision,
-            history,
-            deployed_metrics=meta.get("deployed_metrics"),
-            train_curves=meta.get("training", {}).get("history"),
-            title=f"Palate model version {version}",
-        )
+        return render_version_report(version, info, listing)
     except (KeyError, TypeError, ValueError) as e:
         return f"<p>The report of version {version} could not be drawn ({type(e).__name__}).</p>"
