@@ -131,3 +131,41 @@ def test_lines_without_events_do_not_block_progress(tmp_path: Path) -> None:
         fh.write(rec(1))
     assert h.scan() == ["q1"]
     assert h.sink.cursors[-1]["value"]["off"] == os.path.getsize(f)
+
+
+def test_a_watched_tailer_idles_between_changes_and_wakes_on_one(tmp_path: Path) -> None:
+    """The watchdog hint wakes a scan on a change, and only on a change. Reading a file is
+    an inotify event too (opened, closed without writing): waking on those made every scan
+    start the next, thousands of scans a second per adapter, most of two cores in a month
+    of real use (and the month test's nightly runs starved in CI)."""
+    import io
+    import threading
+    import time
+
+    (tmp_path / "a.jsonl").write_text(rec(0) + rec(1))
+    status = io.StringIO()
+    sink = DryRun()
+    ctx = AdapterContext("jsonl", sink=sink, status=status)
+    # A long poll: any scan beyond the first two comes from a hint.
+    t = Tailer(ctx, [tmp_path], ["*.jsonl"], JsonlParser(), poll_interval=30.0, watch=True)
+    thread = threading.Thread(target=t.run, daemon=True)
+    cpu0 = time.process_time()
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(sink.events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # idle: nothing changes
+        idle_scans = status.getvalue().count('"scan"')
+        assert idle_scans <= 3, f"{idle_scans} scans in 2 s with nothing changing"
+        with open(tmp_path / "a.jsonl", "a") as fh:
+            fh.write(rec(2))
+        deadline = time.monotonic() + 10
+        while len(sink.events) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e["prompt"] for e in sink.events] == ["q0", "q1", "q2"]  # woken, well before 30 s
+        assert time.process_time() - cpu0 < 1.5
+    finally:
+        ctx.stop.set()
+        ctx.wake.set()
+        thread.join(10)

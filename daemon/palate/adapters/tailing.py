@@ -48,6 +48,9 @@ HEAD_BYTES = 1024
 MAX_READ = 16 * 1024 * 1024
 #: Parser state larger than this (JSON) is a parser bug; the cursor limit is 64 KiB.
 MAX_STATE_CHARS = 48_000
+#: watchdog event types that say a file changed (a hint to scan). Not ``opened`` or
+#: ``closed_no_write``: reading a file, as every scan does, produces those.
+CHANGE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class BadRecord(Exception):
@@ -263,6 +266,12 @@ class Tailer:
 
         class Hint(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                # Our own scans open and read the files: watchdog reports those as
+                # ``opened`` / ``closed_no_write`` (inotify IN_OPEN, IN_CLOSE_NOWRITE), and
+                # waking on them made every scan trigger the next one, a busy loop of
+                # thousands of scans a second per adapter. Only a change is a hint.
+                if event.event_type not in CHANGE_EVENTS:
+                    return
                 src = str(event.src_path)
                 dest = str(getattr(event, "dest_path", "") or "")
                 if any(
