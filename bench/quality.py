@@ -37,12 +37,16 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from palate.evaluation.gate import GatePolicy, decide  # noqa: E402
 from palate.evaluation.heldout import length_effect  # noqa: E402
 from palate.evaluation.metrics import pairwise_report  # noqa: E402
 from palate.evaluation.split import example_key, split_items  # noqa: E402
 from palate.model.base_model import BUILTIN_PREFIX, load_base_model, locate_builtin  # noqa: E402
 from palate.model.batching import PairExample  # noqa: E402
 from palate.model.training import ProgressEvent, TrainConfig, train_reward_model  # noqa: E402
+from palate.runtime.training_child import judge  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_harmless_dev.jsonl"
 TRL_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "palate-bench/trl-venv"
@@ -182,8 +186,15 @@ def main() -> int:
         n_streams=config.streams,
     )
     t2 = time.monotonic()
-    a, b = scorer.score_pairs([(p.prompt, p.chosen, p.rejected) for p in test])
+    # The gate's own judging (runtime/training_child.judge): the held-out pairs and, at the
+    # very end, the probe set, which stays out of training and of every choice made here.
+    metrics, (records, _) = judge(scorer, result.calibration.temperature, test, [])
     eval_s = time.monotonic() - t2
+    a = np.array([r.score_chosen for r in records], dtype=np.float64)
+    b = np.array([r.score_rejected for r in records], dtype=np.float64)
+    decision = decide(metrics, None, GatePolicy())
+    probes = metrics.get("probes") or {}
+    held_ens = (metrics.get("ensemble") or {}).get("heldout") or {}
     rep = pairwise_report(a, b, [len(p.chosen) for p in test], [len(p.rejected) for p in test])
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     best_base = max(rep.baseline_shorter, rep.baseline_longer)
@@ -197,6 +208,13 @@ def main() -> int:
         "eval_s": round(eval_s, 1),
         "peak_rss_gb": round(rss_gb, 2),
         "train_metrics": result.metrics,
+        "gate": {
+            "decision": decision.action,
+            "reasons": decision.reasons,
+            "probes": probes,
+            "calibration": metrics.get("calibration"),
+            "ensemble_heldout": held_ens,
+        },
         "data": result.data_summary,
         "config": config.to_json(),
     }
@@ -206,6 +224,13 @@ def main() -> int:
         f"always-shorter {rep.baseline_shorter:.3f}  always-longer {rep.baseline_longer:.3f}  "
         f"ratio vs best baseline {rep.accuracy / max(best_base, 1e-9):.3f}x  "
         f"train {train_s / 60:.1f} min  eval {eval_s / 60:.1f} min  peak RSS {rss_gb:.2f} GB"
+    )
+    cats = probes.get("by_category") or {}
+    print(
+        f"gate (no deployed model): {decision.action}; probes {probes.get('correct')}/"
+        f"{probes.get('n')} ("
+        + ", ".join(f"{k} {v.get('accuracy', 0):.2f}" for k, v in sorted(cats.items()))
+        + ")"
     )
     if trl_py is not None:
         print("\nTRL anchor: RewardTrainer on the same pairs ...", flush=True)

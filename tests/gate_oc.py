@@ -159,16 +159,19 @@ def main() -> int:
         "| pairs | disagreement | 5 pts worse | 2 pts worse | equal | 2 pts better | 5 pts better |"
     )
     print("|---|---|---|---|---|---|---|")
-    for n in (50, 100, 200, 400):
-        for dis in (0.10, 0.15, 0.20):
-            cells = []
-            for delta in (-0.05, -0.02, 0.0, 0.02, 0.05):
-                oc = operating_characteristic(n, dis, delta, nights, seed=7)
-                cell = f"{100 * oc['deploy']:.0f} / {100 * oc['reject']:.0f}"
-                if oc["hold"]:
-                    cell += f" ({100 * oc['hold']:.0f})"
-                cells.append(cell)
-            print(f"| {n} | {100 * dis:.0f}% | " + " | ".join(cells) + " |", flush=True)
+    # Rows as PAIRS:DISAGREEMENT after the night count (e.g. `400:0.20`); all by default.
+    rows = [(int(a), float(b)) for a, b in (r.split(":") for r in sys.argv[2:])] or [
+        (n, dis) for n in (50, 100, 200, 400) for dis in (0.10, 0.15, 0.20)
+    ]
+    for n, dis in rows:
+        cells = []
+        for delta in (-0.05, -0.02, 0.0, 0.02, 0.05):
+            oc = operating_characteristic(n, dis, delta, nights, seed=7)
+            cell = f"{100 * oc['deploy']:.0f} / {100 * oc['reject']:.0f}"
+            if oc["hold"]:
+                cell += f" ({100 * oc['hold']:.0f})"
+            cells.append(cell)
+        print(f"| {n} | {100 * dis:.0f}% | " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

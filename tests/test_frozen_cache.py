@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 
 from palate.events import validate_event  # noqa: E402
 from palate.model.batching import encode_examples  # noqa: E402
+from palate.model.prefix import FrozenPrefix  # noqa: E402
+from palate.model.scoring import Scorer  # noqa: E402
 from palate.model.training import (  # noqa: E402
     TrainConfig,
     frozen_key,
@@ -150,3 +152,47 @@ def test_the_training_run_keeps_and_reuses_through_the_store(store: Store) -> No
     assert store.frozen_cache_stats()["rows"] == 0
     # A forget during the run: nothing from it is kept.
     assert keep_frozen(store, lookup, second, tc, epoch - 1) is None
+
+
+def test_the_gate_shares_one_frozen_pass_between_models_and_keeps_it_for_later_nights(
+    store: Store,
+) -> None:
+    """Judging scores the held-out set with the candidate and the deployed model: with a
+    FrozenPrefix the frozen blocks run once for both (scores as without it, up to the
+    cache's float16 rounding), and a later night reads them from the store."""
+    base = tiny_base()
+    tc = TrainConfig(**FAST)
+    none: dict[str, bytes] = {}
+    one = train_reward_model(marker_pairs(40), tc, base=base, frozen=none.get)
+    two = train_reward_model(marker_pairs(40, seed=5), tc, base=base)
+    held = [(p.prompt, p.chosen, p.rejected) for p in marker_pairs(12, seed=11)]
+    split = one.model.split
+    assert split > 0 and two.model.split == split
+
+    def scorer(res: Any, prefix: FrozenPrefix | None) -> Scorer:
+        return Scorer(res.model, base.tokenizer, tc.max_tokens, res.calibration, prefix=prefix)
+
+    plain = [scorer(r, None).score_pairs(held) for r in (one, two)]
+    lookup = FrozenLookup(store, base.content_hash)
+    shared = FrozenPrefix(base.content_hash, split, tc.cache_dtype, lookup)
+    cached = [scorer(r, shared).score_pairs(held) for r in (one, two)]
+    for (a0, b0), (a1, b1) in zip(plain, cached, strict=True):
+        np.testing.assert_allclose(a1, a0, rtol=0, atol=2e-2 * max(1.0, float(np.abs(a0).max())))
+        np.testing.assert_allclose(b1, b0, rtol=0, atol=2e-2 * max(1.0, float(np.abs(b0).max())))
+    # The second model read the first one's frozen pass: nothing computed twice.
+    assert shared.computed == 12 and shared.shared == 12 and shared.reused == 0
+    # The two models still score differently (only the frozen part is shared).
+    assert not np.allclose(cached[0][0], cached[1][0])
+
+    epoch = store.frozen_cache_epoch()
+    kept = keep_frozen(store, lookup, one, dataclasses.replace(tc), epoch, shared)
+    assert kept is not None and kept["added"] == 40 + 12  # training's and the gate's
+
+    lookup = FrozenLookup(store, base.content_hash)
+    later = FrozenPrefix(base.content_hash, split, tc.cache_dtype, lookup)
+    again = scorer(two, later).score_pairs(held)
+    assert later.reused == 12 and later.computed == 0
+    np.testing.assert_array_equal(again[0], cached[1][0])  # the same kept numbers
+    # Another split (another LoRA placement) never reads them: the scorer computes its own.
+    other = FrozenPrefix(base.content_hash, split - 1, tc.cache_dtype, lookup)
+    assert scorer(one, other).prefix is None

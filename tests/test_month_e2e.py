@@ -35,6 +35,9 @@ pytestmark = pytest.mark.slow
 NIGHTS = 5
 
 
+# A night takes ~20 s here; a stuck night fails on its own timeout with the daemon's log
+# (bench/month.py Month.wait) before pytest's whole-test limit cuts it off without one.
+@pytest.mark.timeout(NIGHTS * 150 + 150)
 def test_a_month_of_real_format_feedback_trains_judges_and_redeploys() -> None:
     root = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))
     args = tiny_args()
@@ -53,7 +56,7 @@ def test_a_month_of_real_format_feedback_trains_judges_and_redeploys() -> None:
         m.start()
         assert str(m.socket).startswith(str(root / "m" / "run" / "palate"))
         for n in range(NIGHTS):
-            nights.append(m.night(n, run_timeout=300))
+            nights.append(m.night(n, run_timeout=150))
         with m.client() as c:
             st = c.status()
             by_source = st["events"]["by_source"]

@@ -35,7 +35,7 @@ from mlx.utils import tree_unflatten
 
 from palate.errors import PalateError
 from palate.model.reward_model import LoraConfig, RewardModel
-from palate.model.scoring import Calibration, Scorer
+from palate.model.scoring import Calibration, PrefixSource, Scorer
 
 __all__ = [
     "FORMAT",
@@ -203,7 +203,9 @@ class LoadedModel:
     config: dict[str, Any]
     calibration: Calibration
 
-    def scorer(self, token_budget: int = 4096, n_streams: int = 1) -> Scorer:
+    def scorer(
+        self, token_budget: int = 4096, n_streams: int = 1, prefix: PrefixSource | None = None
+    ) -> Scorer:
         return Scorer(
             self.model,
             self.base.tokenizer,
@@ -211,6 +213,7 @@ class LoadedModel:
             self.calibration,
             token_budget=token_budget,
             n_streams=n_streams,
+            prefix=prefix,
         )
 
 

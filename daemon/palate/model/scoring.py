@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 try:
     from palate.model.blas import ensure_fast_blas
@@ -55,6 +55,7 @@ from palate.model.reward_model import (
 
 __all__ = [
     "Calibration",
+    "PrefixSource",
     "ScoreResult",
     "Scorer",
     "batch_arrays",
@@ -219,6 +220,23 @@ def _group_rewards(
     return out
 
 
+class PrefixSource(Protocol):
+    """Where a :class:`Scorer` gets the frozen blocks' outputs instead of computing them
+    (model/prefix.py's ``FrozenPrefix``: one frozen pass shared by the gate's candidate and
+    deployed model, kept across nights). ``split``: the blocks below it are frozen."""
+
+    split: int
+
+    def hidden(
+        self,
+        model: RewardModel,
+        groups: Sequence[EncodedGroup],
+        token_budget: int,
+        streams: Sequence[Any],
+        engine: CpuEngine | None = None,
+    ) -> list[tuple[np.ndarray, list[np.ndarray]]]: ...
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     """Scores of the candidates of one prompt, in input order. ``raw`` is the ensemble's
@@ -252,6 +270,7 @@ class Scorer:
         token_budget: int = 4096,
         n_streams: int = 1,
         cpu_forward: bool = True,
+        prefix: PrefixSource | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -268,6 +287,10 @@ class Scorer:
             if use_cpu_engine(model, cpu_forward)
             else None
         )
+        #: The frozen blocks' outputs come from here when its split is this model's (the
+        #: caller vouches for the base): only the top blocks run. Scores then carry the
+        #: cache's storage rounding, as training's validation scores do.
+        self.prefix = prefix if prefix is not None and 0 < prefix.split == model.split else None
 
     def encode(
         self, prompt: str | Messages, responses: Sequence[str]
@@ -305,8 +328,13 @@ class Scorer:
             gs, sl = self.encode(prompt, responses)
             slots.append([(len(groups) + g, j) for g, j in sl])
             groups.extend(gs)
+        hidden = (
+            self.prefix.hidden(self.model, groups, self.token_budget, self.streams, self.engine)
+            if self.prefix is not None
+            else None
+        )
         rewards = group_rewards(
-            self.model, groups, self.token_budget, self.streams, engine=self.engine
+            self.model, groups, self.token_budget, self.streams, hidden, engine=self.engine
         )
         out = []
         for sl in slots:

@@ -20,8 +20,6 @@ Everything random (LoRA init, head init, batch order) follows ``config.seed``.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +60,14 @@ from palate.model.losses import (
     length_correlation,
     preference_loss,
 )
+from palate.model.prefix import (
+    EMPTY_HIDDEN,
+    Hidden,
+    build_prefix_cache,
+    frozen_key,
+    pack_hidden,
+    unpack_hidden,
+)
 from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads
 from palate.model.scoring import (
     Calibration,
@@ -85,9 +91,7 @@ __all__ = [
     "unpack_hidden",
 ]
 
-Hidden = list[tuple[np.ndarray, list[np.ndarray]]]
 Prefix = tuple[list[EncodedGroup], Hidden | None, TruncationStats]
-EMPTY_HIDDEN: tuple[np.ndarray, list[np.ndarray]] = (np.zeros((0, 0), np.float32), [])
 
 
 def _f(default: Any, help: str) -> Any:
@@ -253,37 +257,6 @@ class _WithLengthHead(nn.Module):
         self.length = length
 
 
-def frozen_key(group: EncodedGroup, base_hash: str, split: int, dtype: str) -> str:
-    """The key of one example's frozen-prefix activations across runs (nights).
-
-    The outputs of blocks ``[0, split)`` depend only on the base weights (``base_hash``, the
-    sha256 of the weight file), the split, the storage dtype and the token ids (which already
-    carry the tokenizer, the chat template and the truncation to ``max_tokens``); so the same
-    key means the same activations, and a new base model means new keys: nothing stale is
-    ever reused.
-    """
-    h = hashlib.sha256(f"palate-frozen:v1|{base_hash}|{split}|{dtype}|".encode())
-    for arr in (group.prompt, *group.responses):
-        ids = np.ascontiguousarray(arr, dtype=np.int32)
-        h.update(len(ids).to_bytes(4, "little"))
-        h.update(ids.tobytes())
-    return h.hexdigest()
-
-
-def pack_hidden(entry: tuple[np.ndarray, list[np.ndarray]]) -> bytes:
-    """One example's frozen activations as bytes (npz, no pickle) for a store outside the
-    model layer; :func:`unpack_hidden` reads them back exactly."""
-    buf = io.BytesIO()
-    np.savez(buf, entry[0], *entry[1])  # arr_0: the prompt, arr_1...: the responses
-    return buf.getvalue()
-
-
-def unpack_hidden(blob: bytes) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The inverse of :func:`pack_hidden`."""
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return z["arr_0"], [z[f"arr_{i}"] for i in range(1, len(z.files))]
-
-
 #: Salt of the validation split: the held-out split's function (evaluation/split.py), so
 #: near-duplicates stay on one side by the same rules, dealt independently of it.
 VAL_SALT = "palate-val:v2:"
@@ -301,62 +274,6 @@ def _split(examples: Sequence[Example], fraction: float) -> tuple[list[Example],
     if not split.train:
         return list(examples), []
     return split.train, split.heldout
-
-
-def build_prefix_cache(
-    model: RewardModel,
-    groups: Sequence[EncodedGroup],
-    token_budget: int,
-    streams: Sequence[Any],
-    dtype: str = "float16",
-    progress: Callable[[int, int, int], None] | None = None,
-    engine: CpuEngine | None = None,
-) -> Hidden:
-    """Outputs of the frozen blocks ``[0, model.split)`` for every group, unpadded.
-
-    float16 halves memory (about 0.5 GB for 1.5k HH pairs); a batch whose activations
-    would overflow float16 is kept in float32. With ``engine`` the blocks run in numpy.
-    """
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    out: Hidden = [(np.zeros((0, 0), np.float32), [])] * len(groups)
-    done = 0
-    for index in bucket_batches(groups, token_budget):
-        results: list[tuple[Any, Any, Any]] = []
-        if engine is not None:
-            b = collate(groups, index)
-            hidden = engine.forward_groups(
-                b.prompt, b.prompt_len, b.response, b.response_len, b.group, end=model.split
-            )
-            assert isinstance(hidden, tuple)
-            results.append((index, hidden[0], hidden[1]))
-        else:
-            for shard, stream in zip(
-                split_batch(index, groups, len(streams)), streams, strict=False
-            ):
-                with mx.stream(stream):
-                    hp, hr = model.forward_groups(
-                        *batch_arrays(collate(groups, shard)), start=0, end=model.split
-                    )
-                results.append((shard, hp, hr))
-            mx.eval([(hp, hr) for _, hp, hr in results])
-        for shard, hp, hr in results:
-            hp_np, hr_np = np.asarray(hp), np.asarray(hr)
-            peak = max(float(np.abs(hp_np).max()), float(np.abs(hr_np).max()))
-            store = np_dtype if peak < 60000 else np.float32
-            hp_np, hr_np = hp_np.astype(store), hr_np.astype(store)
-            row = 0
-            for k, i in enumerate(shard):
-                g = groups[i]
-                p = hp_np[k, : len(g.prompt)].copy()
-                rs = []
-                for r in g.responses:
-                    rs.append(hr_np[row, : len(r)].copy())
-                    row += 1
-                out[i] = (p, rs)
-            done += sum(groups[i].cost for i in shard)
-        if progress is not None:
-            progress(done, len(index), sum(groups[i].cost for i in index))
-    return out
 
 
 def _loss_inputs(

@@ -53,6 +53,7 @@ from palate.events import (  # noqa: E402
 )
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
+from palate.model.prefix import FrozenPrefix  # noqa: E402
 from palate.model.scoring import Scorer, mean_rewards  # noqa: E402
 from palate.model.training import (  # noqa: E402
     ProgressEvent,
@@ -187,8 +188,11 @@ def judge(
     return metrics, (prs, rrs)
 
 
-def deployed_scorer(store: Store, base: BaseModel) -> tuple[int, Scorer, float] | None:
-    """The deployed model, rebuilt to be re-scored on tonight's held-out set."""
+def deployed_scorer(
+    store: Store, base: BaseModel, prefix: FrozenPrefix | None = None
+) -> tuple[int, Scorer, float] | None:
+    """The deployed model, rebuilt to be re-scored on tonight's held-out set; on tonight's
+    base it reads the frozen blocks' outputs from ``prefix`` (where its split is the same)."""
     version = store.deployed_version()
     if version is None:
         return None
@@ -196,7 +200,8 @@ def deployed_scorer(store: Store, base: BaseModel) -> tuple[int, Scorer, float] 
     art = artifacts.from_bytes(blob)
     same_base = art.config["base_model"]["content_hash"] == base.content_hash
     loaded = artifacts.load_model(art, base if same_base else None)
-    return version, loaded.scorer(), loaded.calibration.temperature
+    scorer = loaded.scorer(prefix=prefix if same_base else None)
+    return version, scorer, loaded.calibration.temperature
 
 
 def _knobs(cls: type, table: str, overrides: dict[str, Any]) -> Any:
@@ -259,12 +264,18 @@ FROZEN_CHUNK = 64
 
 
 def keep_frozen(
-    store: Store, lookup: FrozenLookup, result: TrainResult, tc: TrainConfig, epoch: int
+    store: Store,
+    lookup: FrozenLookup,
+    result: TrainResult,
+    tc: TrainConfig,
+    epoch: int,
+    gate: FrozenPrefix | None = None,
 ) -> dict[str, Any] | None:
     """Keep tonight's new frozen-prefix activations for later nights (bounded by
-    ``tc.frozen_cache_mb``); None when there is nothing to keep. Not after a forget that
-    happened during this run (``epoch``: :meth:`Store.frozen_cache_epoch` before the run
-    read its events): what this run computed may hold the forgotten text."""
+    ``tc.frozen_cache_mb``): the training examples' and the gate's (held-out examples and
+    probes); None when there is nothing to keep. Not after a forget that happened during
+    this run (``epoch``: :meth:`Store.frozen_cache_epoch` before the run read its events):
+    what this run computed may hold the forgotten text."""
     keys = result.frozen_keys
     hidden = result.prefix[1] if result.prefix is not None else None
     if keys is None or hidden is None or store.frozen_cache_epoch() != epoch:
@@ -272,6 +283,8 @@ def keep_frozen(
     max_bytes = max(0, tc.frozen_cache_mb) * 1024 * 1024
     known = set(lookup.hits)
     new = [(k, h) for k, h in zip(keys, hidden, strict=True) if k not in known]
+    if gate is not None:
+        new.extend((k, h) for k, h in gate.fresh() if k not in known)
     stats = store.frozen_cache_put(lookup.base_hash, {}, sorted(known), max_bytes)
     added = 0
     for i in range(0, len(new), FROZEN_CHUNK):
@@ -432,7 +445,19 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         init_state=init_state,
         frozen=lookup if use_kept else None,
     )
-    frozen_kept = keep_frozen(store, lookup, result, tc, frozen_epoch) if use_kept else None
+    # One frozen pass over the held-out set and the probes for both models (model/prefix.py),
+    # read from the store where an earlier night kept it.
+    gate_prefix = (
+        FrozenPrefix(
+            base.content_hash,
+            result.model.split,
+            tc.cache_dtype,
+            lookup if use_kept else None,
+            max(0, tc.frozen_cache_mb) * 1024 * 1024,
+        )
+        if tc.prefix_cache and result.model.split > 0
+        else None
+    )
 
     judged = 0
     to_judge = len(held_pairs) * compared
@@ -446,13 +471,15 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
     dep_metrics: Metrics | None = None
     dep_records: tuple[list[PairRecord], list[RatingRecord]] | None = None
     dep_version = None
-    dep = deployed_scorer(store, base)
+    dep = deployed_scorer(store, base, gate_prefix)
     if dep is not None:
         dep_version, d_scorer, d_temp = dep
         dep_metrics, dep_records = judge(
             d_scorer, d_temp, held_pairs, held_ratings, on_chunk=on_chunk
         )
-    scorer = Scorer(result.model, base.tokenizer, tc.max_tokens, result.calibration)
+    scorer = Scorer(
+        result.model, base.tokenizer, tc.max_tokens, result.calibration, prefix=gate_prefix
+    )
     metrics, _ = judge(
         scorer,
         result.calibration.temperature,
@@ -462,6 +489,11 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         on_chunk=on_chunk,
     )
     metrics["calibration_source"] = result.metrics.get("calibration_source")
+    frozen_kept = (
+        keep_frozen(store, lookup, result, tc, frozen_epoch, gate_prefix) if use_kept else None
+    )
+    if frozen_kept is not None and gate_prefix is not None:
+        frozen_kept["gate"] = gate_prefix.stats()
     metrics["heldout"] = asdict(heldout_status(len(held_pairs)))
     decision: Decision = decide(metrics, dep_metrics, policy)
 
