@@ -13,14 +13,18 @@ a real encrypted store in a temp dir, the embedded model and HH dev pairs:
    held it: most later nights judge against a deployed model, so night 2 must too);
 2. night 2: ``--new`` (0.1) more pairs arrive; the run trains and judges again, now against
    the deployed model, reading the kept frozen-block outputs;
-3. with ``--anchor nocache``, night 2 again on a copy of the store with the cache emptied
-   (``frozen_cache_mb`` = 0 for that run): what a later night would cost without it.
+3. with ``--anchor nocache``, night 2 again on a copy of the store as it was before night 2,
+   with ``frozen_cache_mb`` = 0 (nothing kept or read, and the gate's frozen pass not
+   shared between its two models): what a later night cost before these caches;
+4. each ``--variant KEY=JSON[,KEY=JSON...]`` runs night 2 again on such a copy with those
+   ``[train]`` settings (e.g. ``--variant warm_start=true``): wall time, held-out accuracy
+   and the gate's decision side by side.
 
 Prints each night's wall time split into load+training and judging, the cache's reuse
 figures, and the ratios night2/night1 (goal <= 0.4) and night2/night2-without-cache.
 
     .venv/bin/python bench/nightly.py                      # 600 pairs, +10%
-    .venv/bin/python bench/nightly.py --pairs 300 --max-tokens 256 --anchor nocache
+    .venv/bin/python bench/nightly.py --pairs 300 --anchor nocache --variant warm_start=true
 """
 
 from __future__ import annotations
@@ -123,6 +127,10 @@ def main() -> int:
     )  # fmt: skip
     ap.add_argument("--base-model", default="", help="base model spec (default: the embedded one)")
     ap.add_argument("--anchor", choices=["none", "nocache"], default="none")
+    ap.add_argument(
+        "--variant", action="append", default=[], metavar="KEY=JSON[,KEY=JSON]",
+        help="night 2 again on a copy with these [train] settings (repeatable)",
+    )  # fmt: skip
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
     with open(args.data, encoding="utf-8") as fh:
@@ -154,38 +162,44 @@ def main() -> int:
         ingest(store, rows[args.pairs : args.pairs + extra], now + 86_400)
         store.checkpoint()
         snapshot = root / "snapshot"
-        if args.anchor == "nocache":
-            snapshot.mkdir()
-            for p in root.glob("palate.db*"):
-                shutil.copy2(p, snapshot / p.name)
+        snapshot.mkdir()
+        for p in root.glob("palate.db*"):
+            shutil.copy2(p, snapshot / p.name)
         print(f"night 2: +{extra} pairs ({100 * extra / args.pairs:.0f}%)", flush=True)
         n2 = night(store, cfg, "night-2")
         print(f"  {n2}", flush=True)
         store.close()
         out.update(night1=n1, night2=n2, ratio=round(n2["wall_s"] / n1["wall_s"], 3))
-        if args.anchor == "nocache":
-            cold = Store(snapshot / "palate.db", key)
-            cold.frozen_cache_put("none", {}, [], 0)  # empties it: a night with nothing kept
-            print("night 2 without the kept frozen outputs (anchor)", flush=True)
-            n2c = night(cold, cfg, "night-2-nocache")
-            cold.close()
-            print(f"  {n2c}", flush=True)
-            out["night2_nocache"] = n2c
-            out["ratio_vs_nocache"] = round(n2["wall_s"] / n2c["wall_s"], 3)
+        variants = [("nocache", {"frozen_cache_mb": 0})] if args.anchor == "nocache" else []
+        for v in args.variant:
+            settings = {k: json.loads(x) for k, _, x in (kv.partition("=") for kv in v.split(","))}
+            variants.append((v, settings))
+        out["variants"] = {}
+        for name, settings in variants:
+            copy = root / f"variant-{len(out['variants'])}"
+            shutil.copytree(snapshot, copy)
+            vcfg = Config(train={**train, **settings}, base_model=cfg.base_model)
+            vstore = Store(copy / "palate.db", key)
+            print(f"night 2 again, {name}", flush=True)
+            nv = night(vstore, vcfg, f"night-2-{name}")
+            vstore.close()
+            nv["ratio_to_night1"] = round(nv["wall_s"] / n1["wall_s"], 3)
+            nv["ratio_to_night2"] = round(nv["wall_s"] / n2["wall_s"], 3)
+            print(f"  {nv}", flush=True)
+            out["variants"][name] = nv
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
     print(json.dumps(out, indent=2))
     print(
-        f"\nnight 1 {out['night1']['wall_s']:.0f} s, night 2 (+{extra} pairs) "
-        f"{out['night2']['wall_s']:.0f} s: {out['ratio']}x (goal <= 0.4)"
-        + (
-            f"; without the kept outputs night 2 takes {out['night2_nocache']['wall_s']:.0f} s"
-            f" ({out['ratio_vs_nocache']}x)"
-            if "night2_nocache" in out
-            else ""
-        )
+        f"\nnight 1 {n1['wall_s']:.0f} s, night 2 (+{extra} pairs) {n2['wall_s']:.0f} s: "
+        f"{out['ratio']}x (goal <= 0.4)"
     )
+    for name, nv in out["variants"].items():
+        print(
+            f"night 2 {name}: {nv['wall_s']:.0f} s = {nv['ratio_to_night1']}x night 1, "
+            f"{nv['ratio_to_night2']}x night 2; accuracy {nv['accuracy']}, {nv['decision']}"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2))
     return 0

@@ -156,6 +156,14 @@ class TrainConfig:
         "in total (the length shortcut then earns nothing in the loss)",
     )
     seed: int = _f(0, "seed for init and batch order; same seed, same model")
+    # Read by the store-backed run only (runtime/training_child.py). Off until measured
+    # (bench/nightly.py, docs/benchmarks.md): a later night's data is mostly the deployed
+    # model's data, so starting there lets early stopping end the run in a few validations.
+    warm_start: bool = _f(
+        False,
+        "nightly runs start from the deployed model's LoRA and heads when it has this base, "
+        "LoRA shape, max_tokens and ensemble size (else from the seed, as always)",
+    )
     members: int = _f(
         5, "ensemble members: heads on the shared trunk, each on its own bootstrap resample"
     )

@@ -243,6 +243,31 @@ def federated_start(store: Store, tc: TrainConfig) -> tuple[Any, str | None]:
     return state, f"federated:{meta.get('federation')}@{meta.get('round')}"
 
 
+def deployed_start(
+    store: Store, base: BaseModel, tc: TrainConfig
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The deployed model's LoRA and heads as tonight's starting weights (``warm_start``),
+    when it was trained on this base with this LoRA shape, ``max_tokens`` and ensemble size;
+    else (None, None). Tonight's data is mostly what it learnt from, so early stopping can
+    end the run after a few validations; the best-validation checkpoint and the gate still
+    decide what is kept."""
+    version = store.deployed_version()
+    if not tc.warm_start or version is None:
+        return None, None
+    _, blob = store.get_model(version)
+    art = artifacts.from_bytes(blob)
+    c = art.config
+    same = (
+        c.get("base_model", {}).get("content_hash") == base.content_hash
+        and c.get("lora") == tc.lora().to_json()
+        and int(c.get("max_tokens", -1)) == tc.max_tokens
+        and int(c.get("ensemble", {}).get("members", 1)) == tc.members
+    )
+    if not same:
+        return None, None
+    return dict(art.tensors), f"deployed:v{version}"
+
+
 class FrozenLookup:
     """The store's frozen-prefix cache as the lookup ``train_reward_model(frozen=...)`` takes,
     remembering which keys it found (the rest are new tonight and get kept)."""
@@ -435,6 +460,8 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         )
     )
     init_state, init_from = federated_start(store, tc)
+    if init_state is None:
+        init_state, init_from = deployed_start(store, base, tc)
     lookup = FrozenLookup(store, base.content_hash)
     use_kept = tc.frozen_cache_mb > 0 and tc.prefix_cache
     result = train_reward_model(
