@@ -37,71 +37,71 @@ def _need_flower() -> None:
         )
 
 
-def _plan_options(fn: Any) -> Any:
-    for opt in reversed(
-        [
-            click.option("--rounds", type=click.IntRange(1), default=5, show_default=True),
-            click.option(
-                "--noise-multiplier",
-                type=click.FloatRange(0.0),
-                default=1.5,
-                show_default=True,
-                help="Gaussian noise std / (clipping norm / clients); 0 = no DP noise.",
-            ),
-            click.option(
-                "--clipping-norm",
-                type=click.FloatRange(0.0, min_open=True),
-                default=0.5,
-                show_default=True,
-                help="L2 bound of one client's update (initial bound when adaptive).",
-            ),
-            click.option(
-                "--clipping",
-                type=click.Choice(["fixed", "adaptive"]),
-                default="fixed",
-                show_default=True,
-            ),
-            click.option(
-                "--aggregator",
-                type=click.Choice(["fedavg", "trimmed-mean"]),
-                default="fedavg",
-                show_default=True,
-                help="fedavg (the epsilon holds) or a trimmed mean (robust; see the docs).",
-            ),
-            click.option("--local-steps", type=click.IntRange(1), default=10, show_default=True),
-            click.option(
-                "--lr", type=click.FloatRange(0.0, min_open=True), default=1e-3, show_default=True
-            ),
-            click.option(
-                "--delta",
-                type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-                default=1e-5,
-                show_default=True,
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+def _options(*opts: Any) -> Any:
+    """One decorator applying ``opts`` in the order listed (as stacked decorators would)."""
+
+    def apply(fn: Any) -> Any:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
 
 
-def _model_options(fn: Any) -> Any:
-    for opt in reversed(
-        [
-            click.option("--base-model", default="builtin:smollm2-135m", show_default=True),
-            click.option("--lora-rank", type=click.IntRange(1), default=16, show_default=True),
-            click.option("--lora-alpha", type=float, default=32.0, show_default=True),
-            click.option(
-                "--lora-layers",
-                type=click.IntRange(0),
-                default=4,
-                show_default=True,
-                help="Top blocks with LoRA (0: the head only).",
-            ),
-            click.option("--max-tokens", type=click.IntRange(8), default=256, show_default=True),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+_plan_options = _options(
+    click.option("--rounds", type=click.IntRange(1), default=5, show_default=True),
+    click.option(
+        "--noise-multiplier",
+        type=click.FloatRange(0.0),
+        default=1.5,
+        show_default=True,
+        help="Gaussian noise std / (clipping norm / clients); 0 = no DP noise.",
+    ),
+    click.option(
+        "--clipping-norm",
+        type=click.FloatRange(0.0, min_open=True),
+        default=0.5,
+        show_default=True,
+        help="L2 bound of one client's update (initial bound when adaptive).",
+    ),
+    click.option(
+        "--clipping",
+        type=click.Choice(["fixed", "adaptive"]),
+        default="fixed",
+        show_default=True,
+    ),
+    click.option(
+        "--aggregator",
+        type=click.Choice(["fedavg", "trimmed-mean"]),
+        default="fedavg",
+        show_default=True,
+        help="fedavg (the epsilon holds) or a trimmed mean (robust; see the docs).",
+    ),
+    click.option("--local-steps", type=click.IntRange(1), default=10, show_default=True),
+    click.option(
+        "--lr", type=click.FloatRange(0.0, min_open=True), default=1e-3, show_default=True
+    ),
+    click.option(
+        "--delta",
+        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        default=1e-5,
+        show_default=True,
+    ),
+)
+
+_model_options = _options(
+    click.option("--base-model", default="builtin:smollm2-135m", show_default=True),
+    click.option("--lora-rank", type=click.IntRange(1), default=16, show_default=True),
+    click.option("--lora-alpha", type=float, default=32.0, show_default=True),
+    click.option(
+        "--lora-layers",
+        type=click.IntRange(0),
+        default=4,
+        show_default=True,
+        help="Top blocks with LoRA (0: the head only).",
+    ),
+    click.option("--max-tokens", type=click.IntRange(8), default=256, show_default=True),
+)
 
 
 def _lora(kw: dict[str, Any]) -> Any:
