@@ -112,6 +112,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--layers", type=int, default=TrainConfig.lora_layers)
     ap.add_argument("--rank", type=int, default=TrainConfig.lora_rank)
+    ap.add_argument(
+        "--depth", type=int, default=TrainConfig.depth,
+        help="use only the base's first N blocks (0: all)",
+    )  # fmt: skip
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens)
     ap.add_argument("--batch-tokens", type=int, default=TrainConfig.batch_tokens)
@@ -146,6 +150,7 @@ def main() -> int:
         epochs=args.epochs,
         lora_layers=args.layers,
         lora_rank=args.rank,
+        depth=args.depth,
         lora_alpha=2.0 * args.rank,
         lr=args.lr,
         max_tokens=args.max_tokens,

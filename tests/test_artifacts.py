@@ -94,3 +94,44 @@ def test_wrong_base_and_garbage_rejected(trained) -> None:  # type: ignore[no-un
         load_model(art, base=other)
     with pytest.raises(ArtifactError):
         from_bytes(b"not an artifact at all")
+
+
+def test_a_shallower_model_reads_the_reward_at_its_depth_and_round_trips() -> None:
+    """``depth``: only the base's first N blocks exist in the reward model; LoRA sits on the
+    top ``lora_layers`` of those; the artifact records it, so a reload scores the same; the
+    numpy engine agrees with MLX; and the blocks above N never influence a score."""
+    from palate.model.cpu_forward import PARITY_TOLERANCE, CpuEngine, parity_error
+    from palate.model.training import federation_spec
+
+    base = tiny_base(layers=4)
+    cfg = TrainConfig(epochs=1, lora_layers=1, depth=2, lr=3e-3, batch_tokens=1024,
+                      max_tokens=64, min_steps=5, members=1)  # fmt: skip
+    res = train_reward_model(marker_pairs(40), cfg, base=base)
+    model = res.model
+    assert model.num_layers == 2 and model.split == 1 and len(model.layers) == 2
+    assert "depth=2" in federation_spec("b", cfg.lora())
+    assert "depth" not in federation_spec("b", TrainConfig().lora())  # old specs unchanged
+    eng = CpuEngine(model, threads=1)
+    try:
+        assert parity_error(model, eng) < PARITY_TOLERANCE
+    finally:
+        eng.close()
+    art = artifact_from_model(
+        model, build_config(base, cfg.lora(), 64, res.calibration, {}, {}, cfg.to_json())
+    )
+    assert art.config["lora"]["depth"] == 2
+    before = _scores(Scorer(model, base.tokenizer, 64, res.calibration))
+    loaded = load_model(from_bytes(to_bytes(art)), base=base)
+    assert loaded.model.num_layers == 2
+    np.testing.assert_array_equal(_scores(loaded.scorer()), before)
+    # Scrambling block 3 (above the depth) changes nothing.
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    top = base.model.model.layers[3]
+    top.load_weights(
+        [(k, mx.random.normal(v.shape)) for k, v in tree_flatten(top.parameters())], strict=False
+    )
+    np.testing.assert_array_equal(_scores(loaded.scorer()), before)
+    with pytest.raises(ValueError, match="depth 9"):
+        train_reward_model(marker_pairs(8), TrainConfig(depth=9, lora_layers=1), base=base)

@@ -77,6 +77,8 @@ class LoraConfig:
 
     ``alpha`` follows the PEFT convention (the update is scaled by ``alpha / rank``); mlx-lm
     calls that product ``scale``. ``layers`` counts blocks from the top; 0 trains the head only.
+    ``depth`` keeps only the base's first ``depth`` blocks (0: all): the reward is read from
+    that block's output, and the blocks above it are never run (cheaper, see docs/model.md).
     """
 
     rank: int = 8
@@ -84,6 +86,7 @@ class LoraConfig:
     layers: int = 4
     dropout: float = 0.0
     keys: tuple[str, ...] = DEFAULT_LORA_KEYS
+    depth: int = 0
 
     @property
     def scale(self) -> float:
@@ -102,6 +105,7 @@ class LoraConfig:
             layers=int(d["layers"]),
             dropout=float(d.get("dropout", 0.0)),
             keys=tuple(d.get("keys", DEFAULT_LORA_KEYS)),
+            depth=int(d.get("depth", 0)),  # absent in artifacts before it existed: all blocks
         )
 
 
@@ -400,7 +404,10 @@ class RewardModel(nn.Module):
     ) -> None:
         super().__init__()
         backbone = base_lm.model
-        n_layers = len(backbone.layers)
+        n_all = len(backbone.layers)
+        if not 0 <= lora.depth <= n_all:
+            raise ValueError(f"depth {lora.depth}: the base has {n_all} blocks")
+        n_layers = lora.depth or n_all
         if lora.layers > n_layers:
             raise ValueError(f"lora layers {lora.layers} > model blocks {n_layers}")
         attn = backbone.layers[0].self_attn
@@ -419,7 +426,7 @@ class RewardModel(nn.Module):
         lower = list(backbone.layers[:top])
         for block in lower:
             block.freeze()
-        self.layers = lower + _lora_blocks(list(backbone.layers[top:]), lora)
+        self.layers = lower + _lora_blocks(list(backbone.layers[top:n_layers]), lora)
         self.lora = lora
         # The final norm's weight, not the embedding's: a quantized embedding (Metal keeps
         # the GGUF packed) stores D * bits / 32 columns, and the head would be too narrow.

@@ -107,6 +107,11 @@ class TrainConfig:
     lora_alpha: float = _f(32.0, "LoRA alpha; updates are scaled by alpha/rank")
     lora_layers: int = _f(4, "top blocks that get LoRA; the blocks below are frozen and cached")
     lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps the cached path exact)")
+    depth: int = _f(
+        0,
+        "use only the base's first N blocks and read the reward there (0: all); the LoRA "
+        "blocks are the top lora_layers of those N. Fewer blocks, less compute",
+    )
     max_tokens: int = _f(384, "max tokens of prompt+response; the prompt is cut from the left")
     # 1: on HH data the validation loss was best at the end of epoch 1 and only rose in
     # epoch 2 (docs/benchmarks.md, Quality), so a second pass cost time for nothing.
@@ -181,6 +186,7 @@ class TrainConfig:
             alpha=self.lora_alpha,
             layers=self.lora_layers,
             dropout=self.lora_dropout,
+            depth=self.depth,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -434,7 +440,8 @@ def _summary(
 def federation_spec(base_model: str, lora: LoraConfig) -> str:
     """What the parties of a federation share (palate.federation): the base model and the
     adapter's shape. A shared adapter with this spec can start a run of the same config."""
-    return f"{base_model}|rank={lora.rank}|alpha={lora.alpha:g}|layers={lora.layers}"
+    spec = f"{base_model}|rank={lora.rank}|alpha={lora.alpha:g}|layers={lora.layers}"
+    return spec + (f"|depth={lora.depth}" if lora.depth else "")
 
 
 def load_trainable_state(model: RewardModel, state: Mapping[str, np.ndarray]) -> list[str]:
