@@ -147,6 +147,9 @@ def _load(model_dir: str) -> Any:
     help=_HELP["lora_layers"],
 )
 @click.option(
+    "--depth", type=int, default=TrainConfig.depth, show_default=True, help=_HELP["depth"]
+)
+@click.option(
     "--epochs", type=int, default=TrainConfig.epochs, show_default=True, help=_HELP["epochs"]
 )
 @click.option(
@@ -224,6 +227,7 @@ def train_command(
     lora_rank: int,
     lora_alpha: float | None,
     layers: int,
+    depth: int,
     epochs: int,
     max_tokens: int,
     lr: float,
@@ -271,6 +275,7 @@ def train_command(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha if lora_alpha is not None else 2.0 * lora_rank,
         lora_layers=layers,
+        depth=depth,
         epochs=epochs,
         max_tokens=max_tokens,
         lr=lr,
