@@ -129,6 +129,10 @@ def main() -> int:
     )
     ap.add_argument("--json-out", default="")
     ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=JSON",
+        help="any other TrainConfig field, e.g. --set length_balance=true (repeatable)",
+    )  # fmt: skip
+    ap.add_argument(
         "--anchor",
         choices=["none", "trl"],
         default="none",
@@ -157,6 +161,7 @@ def main() -> int:
         batch_tokens=args.batch_tokens,
         streams=args.streams,
         min_steps=args.min_steps,
+        **{k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)},
     )
     print(
         f"train {len(train)} pairs, eval {len(test)} pairs; config {config.to_json()}", flush=True
