@@ -164,10 +164,6 @@ class FrozenPrefix:
         self.shared = 0
         self.computed = 0
 
-    def serves(self, model: RewardModel, base_hash: str) -> bool:
-        """Whether ``model`` (on the base ``base_hash``) may read these outputs."""
-        return base_hash == self.base_hash and int(model.split) == self.split and self.split > 0
-
     def hidden(
         self,
         model: RewardModel,
