@@ -135,3 +135,26 @@ def test_a_shallower_model_reads_the_reward_at_its_depth_and_round_trips() -> No
     np.testing.assert_array_equal(_scores(loaded.scorer()), before)
     with pytest.raises(ValueError, match="depth 9"):
         train_reward_model(marker_pairs(8), TrainConfig(depth=9, lora_layers=1), base=base)
+
+
+def test_an_unset_depth_takes_the_bases_shipped_depth() -> None:
+    """The embedded model ships ``reward_depth`` 18 (chosen on validation loss); a config
+    with depth 0 resolves to it wherever a reward model is built from a config, an explicit
+    depth wins, and a depth the LoRA blocks do not fit under is left unset."""
+    from dataclasses import replace
+
+    from palate.model.base_model import BUILTIN_MODELS, _builtin_reward_depth
+    from palate.model.reward_model import LoraConfig, lora_for_base
+
+    assert BUILTIN_MODELS["smollm2-135m"].reward_depth == 18
+    assert _builtin_reward_depth("builtin:smollm2-135m", 30) == 18
+    assert _builtin_reward_depth("/some/model.gguf", 30) == 0
+    assert _builtin_reward_depth("builtin:smollm2-135m", 12) == 0  # does not fit: all blocks
+    base = replace(tiny_base(layers=4), reward_depth=3)
+    assert lora_for_base(LoraConfig(layers=1), base).depth == 3
+    assert lora_for_base(LoraConfig(layers=1, depth=2), base).depth == 2
+    assert lora_for_base(LoraConfig(layers=3), base).depth == 0
+    cfg = TrainConfig(epochs=1, lora_layers=1, lr=3e-3, batch_tokens=1024, max_tokens=64,
+                      min_steps=2, members=1)  # fmt: skip
+    res = train_reward_model(marker_pairs(24), cfg, base=base)
+    assert res.model.num_layers == 3 and res.model.lora.depth == 3

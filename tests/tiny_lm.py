@@ -50,6 +50,7 @@ class TinyBase:
     tokenizer_hash: str = "tiny-tok"
     hidden_size: int = 64
     num_layers: int = 4
+    reward_depth: int = 0
 
 
 def tiny_base(seed: int = 0, layers: int = 4) -> TinyBase:

@@ -303,7 +303,7 @@ def train_command(
             result = _train_with_bar(examples, config, base)
         cfg = build_config(
             base,
-            config.lora(),
+            result.model.lora,  # the depth resolved on this base
             config.max_tokens,
             result.calibration,
             result.data_summary,

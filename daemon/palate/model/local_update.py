@@ -36,7 +36,7 @@ from palate.model.batching import (  # noqa: E402
 )
 from palate.model.cpu_forward import CpuEngine, default_threads  # noqa: E402
 from palate.model.losses import LossInputs, preference_loss  # noqa: E402
-from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel, lora_for_base  # noqa: E402
 from palate.model.scoring import (  # noqa: E402
     batch_arrays,
     group_rewards,
@@ -83,11 +83,11 @@ class LocalTrainer:
         cpu_forward: bool = True,
     ) -> None:
         self.base = base
-        self.lora = lora
+        self.lora = lora_for_base(lora, base)  # as the nightly run resolves it: same shapes
         self.max_tokens = max_tokens
         self.batch_tokens = batch_tokens
         self.cpu_forward = cpu_forward
-        self.model = RewardModel(base.model, lora, seed=seed)
+        self.model = RewardModel(base.model, self.lora, seed=seed)
         state = self.model.trainable_state()
         self.keys = sorted(state)
         self.shapes = [tuple(int(d) for d in state[k].shape) for k in self.keys]

@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 try:  # The parallel engineer's module; before it exists, MLX falls back to its own BLAS.
@@ -107,6 +107,17 @@ class LoraConfig:
             keys=tuple(d.get("keys", DEFAULT_LORA_KEYS)),
             depth=int(d.get("depth", 0)),  # absent in artifacts before it existed: all blocks
         )
+
+
+def lora_for_base(lora: LoraConfig, base: Any) -> LoraConfig:
+    """``lora`` with its depth resolved on ``base``: an unset depth (0) takes the base's
+    ``reward_depth`` (the embedded model ships one, chosen on validation data), when the
+    LoRA blocks fit below it; everything that builds a reward model from a config (training,
+    federated clients) resolves it here, so the same config gives the same shapes."""
+    depth = int(getattr(base, "reward_depth", 0) or 0)
+    if lora.depth or not depth or lora.layers >= depth:
+        return lora
+    return replace(lora, depth=depth)
 
 
 def configure_cpu_threads(n_streams: int) -> None:

@@ -68,7 +68,12 @@ from palate.model.prefix import (
     pack_hidden,
     unpack_hidden,
 )
-from palate.model.reward_model import LoraConfig, RewardModel, configure_cpu_threads
+from palate.model.reward_model import (
+    LoraConfig,
+    RewardModel,
+    configure_cpu_threads,
+    lora_for_base,
+)
 from palate.model.scoring import (
     Calibration,
     batch_arrays,
@@ -515,7 +520,8 @@ def train_reward_model(
         )
     )
 
-    model = RewardModel(base.model, config.lora(), seed=config.seed, members=config.members)
+    lora = lora_for_base(config.lora(), base)
+    model = RewardModel(base.model, lora, seed=config.seed, members=config.members)
     if init_state is not None:
         load_trainable_state(model, init_state)
     hidden: Hidden | None = None

@@ -54,6 +54,7 @@ from palate.events import (  # noqa: E402
 from palate.model import artifacts  # noqa: E402
 from palate.model.base_model import BaseModel, load_base_model  # noqa: E402
 from palate.model.prefix import FrozenPrefix  # noqa: E402
+from palate.model.reward_model import lora_for_base  # noqa: E402
 from palate.model.scoring import Scorer, mean_rewards  # noqa: E402
 from palate.model.training import (  # noqa: E402
     ProgressEvent,
@@ -259,7 +260,7 @@ def deployed_start(
     c = art.config
     same = (
         c.get("base_model", {}).get("content_hash") == base.content_hash
-        and c.get("lora") == tc.lora().to_json()
+        and c.get("lora") == lora_for_base(tc.lora(), base).to_json()
         and int(c.get("max_tokens", -1)) == tc.max_tokens
         and int(c.get("ensemble", {}).get("members", 1)) == tc.members
     )
@@ -534,7 +535,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         result.model,
         artifacts.build_config(
             base,
-            tc.lora(),
+            result.model.lora,  # the depth resolved on this base
             tc.max_tokens,
             result.calibration,
             summary,
