@@ -65,8 +65,9 @@ def test_length_balance_learns_content_not_length() -> None:
     # Training: the chosen answer (the one with the marker) is the shorter in 90% of pairs.
     # Tested on pairs where it is shorter half the time.
     train, test = planted(200, 0, 0.9), planted(200, 99, 0.5)
+    unbalanced = TrainConfig(epochs=3, length_balance=False, **FAST)
     plain = _length_effect(
-        train_reward_model(train, TrainConfig(epochs=3, **FAST), base=(b0 := tiny_base())), b0, test
+        train_reward_model(train, unbalanced, base=(b0 := tiny_base())), b0, test
     )
     cfg = TrainConfig(epochs=3, length_balance=True, **FAST)
     balanced = _length_effect(train_reward_model(train, cfg, base=(b1 := tiny_base())), b1, test)
