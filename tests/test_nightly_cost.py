@@ -5,7 +5,8 @@ encrypted store: what it reuses from earlier nights (issue 15, "every later nigh
   its new held-out examples through the frozen blocks, and shares the rest between the
   candidate and the deployed model;
 - ``warm_start`` starts from the deployed model's weights when the shapes match, and from
-  the seed otherwise (the registry says which).
+  the seed otherwise (the registry says which); warm, it trains on the new events plus a
+  rehearsal sample of earlier ones (``warm_replay``), not on everything again.
 """
 
 from __future__ import annotations
@@ -80,7 +81,14 @@ def test_a_later_night_reuses_the_gates_frozen_pass_and_warm_starts(
         assert gate2["reused"] == gate1["computed"]
         assert gate2["computed"] <= 10
         assert gate2["shared"] == gate2["reused"] + gate2["computed"]
-        assert second["training"]["frozen_cache"]["reused"] >= 90
+        # A warm start trains on what is new plus 3x as many earlier examples (rehearsal),
+        # with no minimum step count.
+        replay = second["training"]["summary"]["warm_replay"]
+        assert 0 < replay["new"] <= 10 and replay["replayed"] == 3 * replay["new"]
+        assert second["training"]["summary"]["train_examples"] == replay["new"] * 4
+        assert second["training"]["config"]["min_steps"] == 0
+        # Read from the store: the replayed examples (training) and the gate's rows.
+        assert second["training"]["frozen_cache"]["reused"] == replay["replayed"] + gate2["reused"]
 
         # Another LoRA shape than the deployed model's: it starts from the seed.
         other = Config(base_model=tiny, train={**TRAIN, "warm_start": True, "lora_rank": 4})

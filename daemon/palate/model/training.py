@@ -176,6 +176,11 @@ class TrainConfig:
         "nightly runs start from the deployed model's LoRA and heads when it has this base, "
         "LoRA shape, max_tokens and ensemble size (else from the seed, as always)",
     )
+    warm_replay: float = _f(
+        3.0,
+        "a warm-started night trains on the events that arrived since the deployed model's "
+        "data plus this many times as many earlier ones, drawn at random (0: all of them)",
+    )
     members: int = _f(
         5, "ensemble members: heads on the shared trunk, each on its own bootstrap resample"
     )

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import Any
 
 from palate.model.blas import ensure_fast_blas
@@ -87,14 +89,34 @@ def on_progress(e: ProgressEvent) -> None:
     PROGRESS.report(d.pop("phase"), d.pop("step"), d.pop("total"), **d)
 
 
-def load_examples(store: Store) -> list[Example]:
+def load_examples(store: Store, seqs: dict[str, int] | None = None) -> list[Example]:
     """Every stored event as examples, plus the pairs implied by comparable ratings
-    (events.derive_pairs: same prompt, good vs bad), which share their ratings' split key."""
+    (events.derive_pairs: same prompt, good vs bad), which share their ratings' split key.
+    ``seqs`` collects each event id's store sequence number (what a warm start calls new)."""
     out: list[Example] = []
     for event in store.iter_events():
         out.extend(to_examples(event))
+        if seqs is not None:
+            seqs[str(event.get("id", ""))] = int(event["seq"])
     out.extend(derive_pairs(out))
     return out
+
+
+def replay_subset(
+    train: Sequence[Example], seqs: dict[str, int], since: int, ratio: float, seed: int
+) -> tuple[list[Example], dict[str, int]]:
+    """A warm-started night's training set: every example of an event that arrived after
+    the deployed model's data (``seq > since``) plus ``ratio`` times as many earlier ones,
+    drawn at random (rehearsal, so the new events do not pull the model off what it knew).
+    ``ratio`` <= 0, or too few earlier examples, keeps everything."""
+    new = [e for e in train if seqs.get(e.event_id, since + 1) > since]
+    old = [e for e in train if seqs.get(e.event_id, since + 1) <= since]
+    want = math.ceil(ratio * max(len(new), 1))
+    if ratio <= 0 or want >= len(old):
+        return list(train), {"new": len(new), "replayed": len(old), "of_earlier": len(old)}
+    rng = random.Random(seed)
+    picked = rng.sample(old, want)
+    return new + picked, {"new": len(new), "replayed": len(picked), "of_earlier": len(old)}
 
 
 def score_heldout(
@@ -246,7 +268,7 @@ def federated_start(store: Store, tc: TrainConfig) -> tuple[Any, str | None]:
 
 def deployed_start(
     store: Store, base: BaseModel, tc: TrainConfig
-) -> tuple[dict[str, Any] | None, str | None]:
+) -> tuple[dict[str, Any] | None, str | None, int]:
     """The deployed model's LoRA and heads as tonight's starting weights (``warm_start``),
     when it was trained on this base with this LoRA shape, ``max_tokens`` and ensemble size;
     else (None, None). Tonight's data is mostly what it learnt from, so early stopping can
@@ -254,8 +276,8 @@ def deployed_start(
     decide what is kept."""
     version = store.deployed_version()
     if not tc.warm_start or version is None:
-        return None, None
-    _, blob = store.get_model(version)
+        return None, None, 0
+    info, blob = store.get_model(version)
     art = artifacts.from_bytes(blob)
     c = art.config
     same = (
@@ -265,8 +287,9 @@ def deployed_start(
         and int(c.get("ensemble", {}).get("members", 1)) == tc.members
     )
     if not same:
-        return None, None
-    return dict(art.tensors), f"deployed:v{version}"
+        return None, None, 0
+    since = int(((info.get("meta") or {}).get("training") or {}).get("data_seq") or 0)
+    return dict(art.tensors), f"deployed:v{version}", since
 
 
 class FrozenLookup:
@@ -437,7 +460,8 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
     PROGRESS.report("load", 0, 0, message="reading feedback")
     frozen_epoch = store.frozen_cache_epoch()  # before reading: see keep_frozen
     forgets = store.forget_count()  # before reading: a forget from now on voids this run
-    examples = load_examples(store)
+    seqs: dict[str, int] = {}
+    examples = load_examples(store, seqs)
     data_seq = store.max_seq()  # at least the newest event read (forget flags by it)
     split = split_items(examples, key=example_key)
     held_pairs = [e for e in split.heldout if isinstance(e, PairExample)]
@@ -450,9 +474,19 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
     tc = train_config(cfg)
     base = load_base_model(tc.base_model)
     compared = 2 if store.deployed_version() is not None else 1
+    init_state, init_from = federated_start(store, tc)
+    train_set: list[Example] = list(split.train)
+    replay: dict[str, int] | None = None
+    if init_state is None:
+        init_state, init_from, since = deployed_start(store, base, tc)
+        if init_state is not None and since > 0:
+            # A warm start already knows the earlier data: tonight trains on what is new plus
+            # a rehearsal sample, and needs no minimum step count (that is for cold starts).
+            train_set, replay = replay_subset(split.train, seqs, since, tc.warm_replay, tc.seed)
+            tc = replace(tc, min_steps=0)
     PROGRESS.set_plan(
         RunPlan(
-            train_examples=len(split.train),
+            train_examples=len(train_set),
             heldout_examples=len(held_pairs) + len(held_ratings),
             models_compared=compared,
             epochs=tc.epochs,
@@ -460,13 +494,10 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
             prefix_cache=tc.prefix_cache and base.num_layers - tc.lora_layers > 0,
         )
     )
-    init_state, init_from = federated_start(store, tc)
-    if init_state is None:
-        init_state, init_from = deployed_start(store, base, tc)
     lookup = FrozenLookup(store, base.content_hash)
     use_kept = tc.frozen_cache_mb > 0 and tc.prefix_cache
     result = train_reward_model(
-        split.train,
+        train_set,
         tc,
         on_progress,
         base=base,
@@ -529,7 +560,8 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         **result.data_summary,
         "heldout_pairs": len(held_pairs),
         "heldout_ratings": len(held_ratings),
-        "train_examples": len(split.train),
+        "train_examples": len(train_set),
+        **({"warm_replay": replay} if replay is not None else {}),
     }
     art = artifacts.artifact_from_model(
         result.model,
