@@ -603,6 +603,8 @@ QUICK_GATE = {
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from palate.errors import PalateError
+
     root = Path(tempfile.mkdtemp(prefix="palate-month-", dir="/tmp"))
     train = dict(QUICK_TRAIN) if args.quick else {}
     gate = dict(QUICK_GATE) if args.quick else {}
@@ -612,6 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     nights: list[Night] = []
     t0 = time.monotonic()
+    refused = ""
     try:
         month.start()
         print(f"daemon on {month.socket} (home {month.home}); base model {args.base_model}")
@@ -623,11 +626,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (m["version"] for m in c.call("models")["models"] if m["state"] == "deployed"),
                 default=None,
             )
-            r = c.rerank(*RERANK)
-        print(
-            f"rerank: version {r['version']} (deployed {newest}), order {r['order']}, "
-            f"liked-style candidates score {liked_margin(r):+.3f} above the others on average"
-        )
+            try:
+                r: dict[str, Any] | None = c.rerank(*RERANK)
+            except PalateError as e:  # no night deployed a model: say so, keep the report
+                r, refused = None, e.message
+        if r is not None:
+            print(
+                f"rerank: version {r['version']} (deployed {newest}), order {r['order']}, "
+                f"liked-style candidates score {liked_margin(r):+.3f} above the others on "
+                "average"
+            )
+        else:
+            print(f"rerank: refused ({refused[:200]})")
     finally:
         rc = month.stop()
         if not args.keep:
@@ -638,12 +648,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "base_model": args.base_model,
         "per_day": args.per_day,
         "nights": [asdict(n) for n in nights],
-        "rerank": {
-            "version": r["version"],
-            "order": r["order"],
-            "deployed": newest,
-            "liked_margin": liked_margin(r),
-        },
+        "rerank": (
+            {
+                "version": r["version"],
+                "order": r["order"],
+                "deployed": newest,
+                "liked_margin": liked_margin(r),
+            }
+            if r is not None
+            else {"refused": refused, "deployed": newest}
+        ),
         "daemon_exit": rc,
         "seconds": round(time.monotonic() - t0, 1),
     }

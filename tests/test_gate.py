@@ -288,8 +288,19 @@ def test_probe_accuracy_must_not_drop() -> None:
         with_deployed(metrics(probes=0.9), 0.75, 0.0), metrics(probes=0.92), GatePolicy()
     )
     assert small_drop.action == "deploy"  # one probe pair (2.1 pts) is within tolerance
-    floor = decide(metrics(probes=0.4), None, GatePolicy())
+    floor = decide(metrics(probes=0.29), None, GatePolicy())  # 14/48: upper bound 41%
     assert floor.action == "reject" and check(floor, "probe_floor").status == "fail"
+    assert "even its upper 95% bound" in check(floor, "probe_floor").message
+
+
+def test_probes_at_chance_are_noise_not_a_broken_model() -> None:
+    """A model trained on a taste the probes know nothing of scores near 50% on them; the
+    floor must not reject it on a coin flip (the month on the embedded model: 35-39 of 80,
+    every night rejected by a fixed 50% bound). Clearly below chance still rejects."""
+    near = decide(metrics(probes=0.44), None, GatePolicy())  # 21/48: upper bound 56%
+    assert check(near, "probe_floor").status == "pass" and near.action == "deploy"
+    assert "within the noise" in check(near, "probe_floor").message
+    assert check(decide(metrics(probes=0.9), None, GatePolicy()), "probe_floor").status == "pass"
 
 
 def test_missing_probes_hold() -> None:

@@ -25,7 +25,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from palate.evaluation.metrics import wilson_interval
 from palate.evaluation.split import MIN_HELDOUT_PAIRS, heldout_status
+
+#: One-sided 95%: the probe floor fails only when the probes are significantly below it.
+PROBE_FLOOR_Z = 1.645
 
 __all__ = ["Check", "Decision", "GatePolicy", "decide"]
 
@@ -108,7 +112,10 @@ class GatePolicy:
         20, "the length gap is judged only when both sides have at least this many pairs"
     )
     max_length_spearman: float = _h(0.50, "|Spearman(score, length)| above this holds for review")
-    probe_floor: float = _h(0.50, "probe-set accuracy must be at least this")
+    probe_floor: float = _h(
+        0.50,
+        "probe-set accuracy must not be significantly below this (one-sided 95% Wilson bound)",
+    )
     probe_max_drop: float = _h(
         0.04,
         "probe-set accuracy may drop at most this much below the deployed model's, rounded "
@@ -534,13 +541,27 @@ def _probe_checks(m: Metrics, dep: Metrics | None, p: GatePolicy) -> list[Check]
             )
         ]
     acc = float(pr["accuracy"])
+    # The floor is judged against the noise of 80 probes, as every other rule is: a model
+    # whose probes sit at chance (38/80: one trained on a user's taste the probes know nothing
+    # of) is not evidence of a broken model, and a fixed 50% bound rejected such retrains on a
+    # coin flip every night (bench/month.py on the embedded model: 35-39 of 80, all rejected).
+    # Rejected: a probe score whose one-sided 95% upper bound is still below the floor (the
+    # refusal shortcut's 24-30 of 80).
+    upper = wilson_interval(int(pr["correct"]), int(pr["n"]), z=PROBE_FLOOR_Z)[1]
+    status: Literal["pass", "fail"]
+    if acc + _EPS >= p.probe_floor:
+        status, how = "pass", "."
+    elif upper + _EPS >= p.probe_floor:
+        status, how = "pass", f", within the noise of it (upper 95% bound {_pct(upper)})."
+    else:
+        status, how = "fail", f"; even its upper 95% bound ({_pct(upper)}) is below it."
     out = [
         Check(
             "probe_floor",
-            "pass" if acc + _EPS >= p.probe_floor else "fail",
+            status,
             "reject",
             f"Probe-set accuracy is {_pct(acc)} ({pr['correct']}/{pr['n']} obvious pairs); the "
-            f"floor is {_pct(p.probe_floor)}.",
+            f"floor is {_pct(p.probe_floor)}{how}",
             acc,
             p.probe_floor,
         )
