@@ -157,7 +157,6 @@ class FrozenPrefix:
         self.max_bytes = max_bytes
         self._memo: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
         self._fresh: list[str] = []
-        self._read: list[str] = []
         self._bytes = 0
         #: Examples read from ``lookup`` / found in memory / run through the frozen blocks.
         self.reused = 0
@@ -188,7 +187,6 @@ class FrozenPrefix:
                 continue
             out[i] = unpack_hidden(blob)
             self.reused += 1
-            self._read.append(k)
             self._remember(k, out[i], fresh=False)
         if todo:
             built = build_prefix_cache(
@@ -212,10 +210,6 @@ class FrozenPrefix:
     def fresh(self) -> list[tuple[str, tuple[np.ndarray, list[np.ndarray]]]]:
         """(key, outputs) computed by this run and still in memory: what to keep."""
         return [(k, self._memo[k]) for k in self._fresh if k in self._memo]
-
-    def touched(self) -> list[str]:
-        """Keys read from ``lookup``: to mark as used tonight."""
-        return list(dict.fromkeys(self._read))
 
     def stats(self) -> dict[str, int]:
         return {"reused": self.reused, "shared": self.shared, "computed": self.computed}
