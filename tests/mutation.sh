@@ -3,6 +3,7 @@
 #
 #   MODULES="evaluation/gate.py" TESTS="tests/test_gate.py" BUDGET_S=600 sh tests/mutation.sh
 #   sh tests/mutation.sh 'palate.evaluation.heldout.x_paired_bootstrap*'   # only these mutants
+#   ISOLATION=forkserver MODULES="model/losses.py" TESTS="tests/test_losses.py" sh tests/mutation.sh
 #
 # The worktree keeps the shared tree clean (mutmut writes mutants/ and its state next to the
 # sources). mutmut 3 maps file paths to module names only for ./, src/ or source/ layouts,
@@ -12,6 +13,11 @@ set -eu
 MODULES=${MODULES:-"evaluation/gate.py evaluation/heldout.py evaluation/metrics.py"}
 TESTS=${TESTS:-"tests/test_gate.py tests/test_evaluation.py"}
 BUDGET_S=${BUDGET_S:-600}
+# "forkserver" for tests that evaluate MLX arrays: MLX's worker threads do not survive a
+# fork, so a child forked from a process that has run MLX hangs on its first eval (every
+# mutant times out). The fork server imports only pytest and the test modules; each mutant's
+# process starts MLX itself.
+ISOLATION=${ISOLATION:-fork}
 root=$(git rev-parse --show-toplevel)
 work="$(mktemp -d)/palate-mutation"
 git -C "$root" worktree add -q --detach "$work" HEAD
@@ -29,6 +35,7 @@ mv daemon src
   for t in $TESTS; do printf '"%s", ' "$t"; done
   echo ']'
   echo 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]'
+  echo "process_isolation = \"$ISOLATION\""
 } >> pyproject.toml
 # The last progress line is the summary: done/total, killed, no tests, timeout, suspicious,
 # survived, skipped.

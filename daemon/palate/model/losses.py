@@ -82,7 +82,8 @@ def preference_loss(
         y = inputs.label
         bce = -(y * nn.log_sigmoid(logit) + (1 - y) * nn.log_sigmoid(-logit))  # (Q,)
         nll = nll + (bce * inputs.rating_weight).sum()
-        correct = correct + (((logit > 0) == (y > 0.5)) & (logit != 0)).sum()
+        # label >= 0.5 is good, as in evaluation (heldout.RatingRecord); a logit of 0 is a tie.
+        correct = correct + (((logit > 0) == (y >= 0.5)) & (logit != 0)).sum()
         count += inputs.rating_idx.shape[0]
     loss = nll / weight_norm + center * (rewards * rewards).sum() / rows_norm
     return LossTerms(loss=loss, nll_sum=nll, correct=correct, count=mx.array(count))
