@@ -105,7 +105,7 @@ _CASE: dict = dict(
     margin=[0.0, 0.3, 1.0],
     pw=[1.0, 2.0, 0.5],
     ratings=[5, 6, 7, 1, 3],
-    labels=[0.3, 0.0, 1.0, 0.5, 0.5],
+    labels=[0.3, 0.0, 0.0, 0.5, 0.6],
     rw=[1.5, 0.25, 1.0, 2.0, 1.0],
     delta=1.0,
     center=0.05,
@@ -132,7 +132,8 @@ def test_preference_loss_by_hand_every_term() -> None:
     assert float(t.loss) == pytest.approx(loss, rel=1e-5)
     assert float(t.nll_sum) == pytest.approx(nll, rel=1e-5)
     # pairs: 0.5 > 0 right, -1.25 wrong, 2.6 right; ratings (logit, label): (-0.6, 0.3) right,
-    # (-1.7, 0) right, (0, 1) a tie, (0.5, 0.5) right, (-0.75, 0.5) wrong.
+    # (-1.7, 0) right, (0, 0) a tie (wrong, though "not above 0" agrees with the label),
+    # (0.5, 0.5) right (one half is good), (-0.75, 0.6) wrong.
     assert correct == 5 and int(t.correct) == 5
     assert int(t.count) == count == 8
 
