@@ -4,6 +4,7 @@
 #   MODULES="evaluation/gate.py" TESTS="tests/test_gate.py" BUDGET_S=600 sh tests/mutation.sh
 #   sh tests/mutation.sh 'palate.evaluation.heldout.x_paired_bootstrap*'   # only these mutants
 #   ISOLATION=forkserver MODULES="model/losses.py" TESTS="tests/test_losses.py" sh tests/mutation.sh
+#   SAMPLE=80 SEED=1 ...                      # a seeded random sample of 80 mutants
 #
 # The worktree keeps the shared tree clean (mutmut writes mutants/ and its state next to the
 # sources). mutmut 3 maps file paths to module names only for ./, src/ or source/ layouts,
@@ -39,6 +40,17 @@ mv daemon src
 } >> pyproject.toml
 # The last progress line is the summary: done/total, killed, no tests, timeout, suspicious,
 # survived, skipped.
+if [ -n "${SAMPLE:-}" ]; then
+  # A uniform random sample of SAMPLE mutants (seeded by SEED), for modules whose tests are
+  # too slow to run every mutant: generate them all (a name that matches none runs nothing),
+  # list them, draw.
+  "$root/.venv/bin/mutmut" run --max-children 2 'palate.no_such_module*' >/dev/null 2>&1 || true
+  total=$("$root/.venv/bin/mutmut" results --all true | wc -l)
+  yes "${SEED:-0}" | head -c 1000000 > random-source
+  set -- $("$root/.venv/bin/mutmut" results --all true | cut -d: -f1 \
+    | shuf -n "$SAMPLE" --random-source=random-source | sort)
+  echo "sample: $# of $total mutants (seed ${SEED:-0})"
+fi
 timeout "$BUDGET_S" "$root/.venv/bin/mutmut" run --max-children 2 "$@" | tr '\r' '\n' \
   | grep -E '[0-9]+/[0-9]+ ' | tail -1 || true
 # Every mutant that was run and not killed, with its diff (mutants not reached in the budget
