@@ -9,16 +9,19 @@ from palate.model.blas import ensure_fast_blas
 ensure_fast_blas()
 
 import dataclasses  # noqa: E402
+import io  # noqa: E402
 import secrets  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from palate.events import validate_event  # noqa: E402
-from palate.model.batching import encode_examples  # noqa: E402
-from palate.model.prefix import FrozenPrefix  # noqa: E402
+from palate.model.batching import EncodedGroup, encode_examples  # noqa: E402
+from palate.model.prefix import FrozenPrefix, build_prefix_cache  # noqa: E402
+from palate.model.reward_model import LoraConfig, RewardModel  # noqa: E402
 from palate.model.scoring import Scorer  # noqa: E402
 from palate.model.training import (  # noqa: E402
     TrainConfig,
@@ -86,6 +89,60 @@ def test_the_key_covers_base_split_dtype_and_tokens() -> None:
     entry = (np.arange(6, dtype=np.float16).reshape(2, 3), [np.ones((1, 3), np.float16)] * 2)
     p, rs = unpack_hidden(pack_hidden(entry))
     assert np.array_equal(p, entry[0]) and p.dtype == np.float16 and len(rs) == 2
+
+
+def test_the_key_is_stable_across_releases_and_id_dtypes() -> None:
+    """Keys are kept in the store across nights and upgrades: a change of the key function
+    silently recomputes every cached activation, so it must be a deliberate version bump
+    (``palate-frozen:v1``). The same ids as int64 (what a tokenizer may return) give the same
+    key, and the length prefixes keep ``[1, 2] + [3]`` apart from ``[1] + [2, 3]``."""
+    g = EncodedGroup(
+        prompt=np.array([1, 2, 3], np.int32),
+        responses=[np.array([4, 5], np.int32), np.array([6], np.int32)],
+        kind="pair",
+    )
+    key = frozen_key(g, "base", 2, "float16")
+    assert key == "10076a7612044e059adbcfb5f89f4df33b6aa43e3ad313ca25d610ca78293c66"
+    wide = dataclasses.replace(
+        g, prompt=g.prompt.astype(np.int64), responses=[r.astype(np.int64) for r in g.responses]
+    )
+    assert frozen_key(wide, "base", 2, "float16") == key
+    moved = dataclasses.replace(
+        g,
+        prompt=np.array([1, 2], np.int32),
+        responses=[np.array([3, 4, 5], np.int32), *g.responses[1:]],
+    )
+    assert frozen_key(moved, "base", 2, "float16") != key
+
+
+def test_unpack_refuses_pickled_objects() -> None:
+    """The blobs come back from a store: loading one must never unpickle (code execution)."""
+    buf = io.BytesIO()
+    np.savez(buf, np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        unpack_hidden(buf.getvalue())
+
+
+def test_prefix_cache_dtype_shapes_and_progress() -> None:
+    """float16 by default (half the memory), float32 on request; every group's prompt and
+    responses come back at their own lengths; progress ends at the total token cost."""
+    base = tiny_base()
+    groups, _ = encode_examples(marker_pairs(6), base.tokenizer, 64)
+    model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
+    seen: list[tuple[int, int, int]] = []
+    half = build_prefix_cache(
+        model, groups, 256, [mx.default_stream(mx.cpu)], progress=lambda *a: seen.append(a)
+    )
+    full = build_prefix_cache(model, groups, 256, [mx.default_stream(mx.cpu)], dtype="float32")
+    assert seen and seen[-1][0] == sum(g.cost for g in groups)
+    assert [a[0] for a in seen] == sorted(a[0] for a in seen)
+    for g, (p, rs), (p32, rs32) in zip(groups, half, full, strict=True):
+        assert p.dtype == np.float16 and p32.dtype == np.float32
+        assert p.shape[0] == len(g.prompt) and [r.shape[0] for r in rs] == [
+            len(r) for r in g.responses
+        ]
+        assert all(r.dtype == np.float16 for r in rs) and all(r.dtype == np.float32 for r in rs32)
+        np.testing.assert_allclose(p, p32, rtol=1e-2, atol=1e-2)
 
 
 @pytest.fixture
