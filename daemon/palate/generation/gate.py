@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PolicyDecision", "PolicyGate", "decide_policy"]
+__all__ = ["PolicyDecision", "PolicyGate", "decide_policy", "gate_entry"]
 
 
 def _h(default: Any, help: str) -> Any:
@@ -103,3 +103,30 @@ def decide_policy(m: Mapping[str, Any], gate: PolicyGate | None = None) -> Polic
         action = "deploy"
     reasons = [c["message"] for c in failed] or ["every check passed"]
     return PolicyDecision(action, reasons, checks)
+
+
+#: The registry state of a policy version by its gate decision (as the reward model's).
+STATES = {"deploy": "candidate", "reject": "rejected", "hold": "held"}
+
+
+def gate_entry(
+    report: Mapping[str, Any], config: Mapping[str, Any], *, kind: str, source: str
+) -> tuple[PolicyDecision, dict[str, Any], str]:
+    """The gate's decision on an adapter's eval ``report`` and what the registry stores
+    with it: (decision, meta, state). ``config`` is the adapter artifact's config; ``kind``
+    the registry kind (the store's POLICY_KIND); ``source`` where the adapter came from.
+    ``policy_register`` and the nightly policy run both register through this."""
+    decision = decide_policy(report)
+    meta = {
+        "kind": kind,
+        "metrics": dict(report),
+        "decision": decision.action,
+        "reasons": decision.reasons,
+        "checks": decision.checks,
+        "training": {
+            "config": config.get("train_config", {}),
+            "metrics": config.get("metrics", {}),
+        },
+        "source": source,
+    }
+    return decision, meta, STATES[decision.action]

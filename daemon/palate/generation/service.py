@@ -17,7 +17,7 @@ from typing import Any
 from palate.errors import PalateError
 from palate.events import PairExample
 
-__all__ = ["GenerationService", "PolicyRef", "ScorerRef"]
+__all__ = ["GenerationService", "PolicyRef", "ScorerRef", "evaluate_adapter"]
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,50 @@ class GenerationService:
     ) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
         """Evaluate an adapter directory on held-out ``pairs``, judged by ``judge``: the
         artifact's bytes, its config and the eval report (docs/generation.md)."""
-        from palate.generation.evaluate import evaluate_policy
-        from palate.generation.policy import POLICY_FORMAT, load_policy
+        from palate.generation.policy import POLICY_FORMAT
         from palate.model.artifacts import load_dir, to_bytes
 
         art = load_dir(path, POLICY_FORMAT)
         base = self.base(art.config["base_model"]["id"], judge.base)
-        pol = load_policy(art, base, name=str(path))
-        beta = float(art.config.get("train_config", {}).get("beta", 0.1))
-        max_tokens = int(art.config.get("train_config", {}).get("max_tokens", 384))
-        report = evaluate_policy(
-            pol,
+        report = evaluate_adapter(
+            art,
+            base,
+            judge.scorer,
             pairs,
-            judge=lambda prompt, texts: judge.scorer.score(prompt, texts).raw,
-            beta=beta,
-            max_tokens=max_tokens,
+            name=str(path),
             win_prompts=win_prompts,
             between_steps=between_steps,
         )
         return to_bytes(art), art.config, report
+
+
+def evaluate_adapter(
+    art: Any,  # palate.model.artifacts.ModelArtifact of format palate-policy/1
+    base: Any,
+    scorer: Any,  # palate.model.scoring.Scorer, or None: no win rate
+    pairs: Sequence[PairExample],
+    *,
+    name: str,
+    win_prompts: int = 16,
+    between_steps: Callable[[], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The eval report of a policy adapter artifact on ``base``: implicit accuracy on the
+    held-out ``pairs``, win rate over base samples judged by ``scorer``, KL to the base, with
+    the adapter's own beta and token cap. What ``policy_register`` and the nightly policy run
+    (runtime/training_child.py) both store and gate."""
+    from palate.generation.evaluate import evaluate_policy
+    from palate.generation.policy import load_policy
+
+    pol = load_policy(art, base, name=name)
+    tc = art.config.get("train_config", {})
+    return evaluate_policy(
+        pol,
+        pairs,
+        judge=None if scorer is None else lambda prompt, texts: scorer.score(prompt, texts).raw,
+        beta=float(tc.get("beta", 0.1)),
+        max_tokens=int(tc.get("max_tokens", 384)),
+        win_prompts=win_prompts,
+        progress=progress,
+        between_steps=between_steps,
+    )

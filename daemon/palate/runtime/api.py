@@ -1158,22 +1158,9 @@ class Api:
             )
 
         blob, config, report = await serving.run(job, timeout)
-        from palate.generation.gate import decide_policy
+        from palate.generation.gate import gate_entry
 
-        decision = decide_policy(report)
-        meta = {
-            "kind": POLICY_KIND,
-            "metrics": report,
-            "decision": decision.action,
-            "reasons": decision.reasons,
-            "checks": decision.checks,
-            "training": {
-                "config": config.get("train_config", {}),
-                "metrics": config.get("metrics", {}),
-            },
-            "source": str(path),
-        }
-        state = {"deploy": "candidate", "reject": "rejected", "hold": "held"}[decision.action]
+        decision, meta, state = gate_entry(report, config, kind=POLICY_KIND, source=str(path))
         deploy_it = decision.action == "deploy" and deploy is not False
 
         def store(s: Store) -> tuple[int, int | None]:
