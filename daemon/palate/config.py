@@ -126,6 +126,51 @@ def _schedule(raw: Any, where: str) -> ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The ``[policy]`` table: the optional nightly DPO policy run (docs/generation.md).
+
+    A table of its own rather than a ``[train]`` key: ``[train]`` holds the reward model's
+    knobs (every key is checked against ``palate.model.training.TrainConfig``), and a policy
+    adapter has other knobs (``palate.generation.dpo.PolicyTrainConfig``: loss, beta, lr...).
+    So ``[policy]`` holds the switch, the two knobs of the nightly run itself, and any
+    ``PolicyTrainConfig`` key, which the run checks when it builds that config (an unknown
+    one is reported as the policy part's error, never failing the reward model's run).
+    """
+
+    nightly: bool = False
+    """Train, judge and gate a policy adapter after every nightly reward-model run."""
+    max_examples: int = 256
+    """The newest training-side examples it trains on (its cost grows with them)."""
+    win_prompts: int = 16
+    """Held-out prompts sampled (2 samples each) for the win rate and KL."""
+    train: Mapping[str, Any] = field(default_factory=dict)
+    """Every other key of the table: ``PolicyTrainConfig`` overrides."""
+
+
+#: The ``[policy]`` keys of the nightly run itself, with their types (the rest train).
+POLICY_TYPES: dict[str, type] = {"nightly": bool, "max_examples": int, "win_prompts": int}
+
+
+def _policy(raw: Any, where: str) -> PolicyConfig:
+    def err(msg: str) -> PalateError:
+        return PalateError("invalid_request", f"{where}: [policy] {msg}")
+
+    if not isinstance(raw, dict):
+        raise err("must be a table")
+    own = {k: v for k, v in raw.items() if k in POLICY_TYPES}
+    for key, value in own.items():
+        typ = POLICY_TYPES[key]
+        if isinstance(value, bool) is not (typ is bool) or not isinstance(value, typ):
+            raise err(f"{key} must be a {typ.__name__}, got {type(value).__name__}")
+    if own.get("max_examples", 1) < 1:
+        raise err("max_examples must be at least 1")
+    if own.get("win_prompts", 0) < 0:
+        raise err("win_prompts must not be negative")
+    train = {k: v for k, v in raw.items() if k not in POLICY_TYPES}
+    return PolicyConfig(**own, train=train)
+
+
+@dataclass(frozen=True)
 class Config:
     key_backend: str = "auto"
     """Where the key-encryption key lives: auto (keychain if any, else file), keyring, file."""
@@ -144,6 +189,8 @@ class Config:
     """Overrides of the gate policy ([gate] table; keys of palate.evaluation.gate.GatePolicy)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """When training runs by itself and what it waits for ([schedule] table)."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The optional nightly policy run ([policy] table; off unless ``nightly = true``)."""
 
 
 def _adapters(raw: Any, where: str) -> AdaptersConfig:
@@ -190,6 +237,8 @@ def load_config(paths: Paths) -> Config:
         data["adapters"] = _adapters(data["adapters"], str(paths.config_file))
     if "schedule" in data:
         data["schedule"] = _schedule(data["schedule"], str(paths.config_file))
+    if "policy" in data:
+        data["policy"] = _policy(data["policy"], str(paths.config_file))
     for table in ("train", "gate"):
         if table in data and not isinstance(data[table], dict):
             raise PalateError("invalid_request", f"{paths.config_file}: [{table}] must be a table")

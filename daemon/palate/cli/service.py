@@ -201,7 +201,20 @@ def _run_line(r: dict[str, Any] | None) -> str:
         what += " (deployed)" if r.get("deployed") else ""
     if r.get("error"):
         what += f": {r['error']}"
+    if r.get("policy"):
+        what += f"; {policy_outcome(r['policy'])}"
     return f"{_when(r.get('ts'))} run {r.get('job')}: {what}"
+
+
+def policy_outcome(p: dict[str, Any]) -> str:
+    """The nightly policy run's outcome (``[policy] nightly = true``) in a few words."""
+    if p.get("error"):
+        return f"policy run failed: {str(p['error'])[:200]}"
+    if p.get("skipped"):
+        return f"policy run skipped: {p['skipped']}"
+    verdict = {"reject": "rejected by", "hold": "held by", "deploy": "approved by"}
+    text = f"policy version {p.get('version')} {verdict.get(p.get('decision') or '', '?')} its gate"
+    return text + (" (deployed)" if p.get("deployed") else "")
 
 
 def _show_schedule(d: dict[str, Any]) -> None:

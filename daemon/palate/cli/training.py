@@ -380,6 +380,10 @@ def _train_in_daemon(wait: bool, as_json: bool) -> None:
         )
         for reason in r["reasons"]:
             click.echo(f"  - {reason}")
+        if r.get("policy"):
+            from palate.cli.service import policy_outcome
+
+            click.echo(policy_outcome(r["policy"]))
         if not r["deployed"] and r.get("decision") in ("reject", "hold"):
             from palate.cli.models import next_steps
 

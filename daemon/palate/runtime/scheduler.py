@@ -568,6 +568,8 @@ class Scheduler:
             "deployed": result.get("deployed"),
             "seq": seq,
         }
+        if result.get("policy") is not None:  # the nightly policy run's outcome, when it ran
+            summary["policy"] = result["policy"]
         await self.state.set(K_RESULT, summary)
         attempt = await self.state.get(K_ATTEMPT) or {}
         started = job.get("started")

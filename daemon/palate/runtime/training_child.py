@@ -10,10 +10,17 @@
 4. scores the held-out set and the shipped probes with the candidate AND with the deployed
    model, evaluates both (evaluation.py) and lets the gate decide (gate.py),
 5. registers the version with its decision in one transaction, deploying it in the next if
-   the gate said so, and prints one ``result`` line.
+   the gate said so,
+6. with ``[policy] nightly = true`` (off by default), trains a DPO policy adapter on the same
+   training-side examples, judges it on the held-out pairs with the deployed reward model,
+   lets the policy gate decide and registers it the same way (:func:`nightly_policy`); a
+   failure there is recorded in the result, never undoing step 5,
 
-Killing this process at any point leaves the registry as it was: nothing is written before
-step 5. Stdout carries only JSON lines; everything else goes to stderr.
+and prints one ``result`` line.
+
+Killing this process at any point leaves the registry as it was, or with the reward model
+registered and no policy: nothing is written before step 5, and each registration is one
+transaction. Stdout carries only JSON lines; everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import os
 import random
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from palate.model.blas import ensure_fast_blas
@@ -67,7 +75,7 @@ from palate.model.training import (  # noqa: E402
 )
 from palate.paths import resolve  # noqa: E402
 from palate.runtime.progress import RunPlan, RunProgress  # noqa: E402
-from palate.store.database import Store  # noqa: E402
+from palate.store.database import POLICY_KIND, Store  # noqa: E402
 from palate.store.keys import KeyManager, protect_process, zero  # noqa: E402
 
 #: Pairs scored per call: bounds memory, not results (scores are batch-invariant).
@@ -227,15 +235,16 @@ def deployed_scorer(
     return version, scorer, loaded.calibration.temperature
 
 
-def _knobs(cls: type, table: str, overrides: dict[str, Any]) -> Any:
-    """Build a config dataclass from a config.toml table, naming any unknown key."""
+def _knobs(cls: type, table: str, overrides: dict[str, Any], also: Sequence[str] = ()) -> Any:
+    """Build a config dataclass from a config.toml table, naming any unknown key (``also``:
+    the table's other keys, named among the known ones)."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise PalateError(
             "invalid_request",
             f"config.toml [{table}]: unknown setting(s) "
-            f"{', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            f"{', '.join(unknown)}; known: {', '.join(sorted(known | set(also)))}",
         )
     return cls(**overrides)
 
@@ -423,7 +432,9 @@ def register(
 ) -> tuple[int, bool]:
     """Register (and, with ``deploy_reason``, deploy) the new version: two short write
     transactions, everything prepared beforehand, at normal I/O priority. Refused
-    (``conflict``) if events were forgotten since the run read them."""
+    (``conflict``) if events were forgotten since the run read them. A policy adapter
+    (``meta["kind"]`` is the store's POLICY_KIND) is deployed as generation's policy, never
+    as the reward model."""
     with foreground_io():
         version = store.add_model(
             base_model=base_model,
@@ -434,8 +445,156 @@ def register(
         )
         if deploy_reason is None:
             return version, False
-        store.deploy_model(version, how="gate", reason=deploy_reason)
+        if meta.get("kind") == POLICY_KIND:
+            store.deploy_policy(version, how="gate", reason=deploy_reason)
+        else:
+            store.deploy_model(version, how="gate", reason=deploy_reason)
     return version, True
+
+
+@dataclass
+class Night:
+    """What the nightly policy run takes over from the reward model's part of the run: the
+    same data read (and split) once, and the base already loaded."""
+
+    base: BaseModel
+    base_spec: str  # what load_base_model was given for ``base``
+    train: list[Example]  # the training side of the split (never a held-out row)
+    held_pairs: list[PairExample]
+    seqs: dict[str, int]  # event id -> store sequence number
+    forgets: int  # Store.forget_count() before the events were read
+    data_seq: int
+
+
+def _seq(e: Example, seqs: dict[str, int]) -> int:
+    """An example's store sequence number; a derived pair's is its newer rating's."""
+    eid = e.event_id
+    if eid.startswith("derived:"):
+        return max((seqs.get(i, 0) for i in eid[len("derived:") :].split(">")), default=0)
+    return seqs.get(eid, 0)
+
+
+def newest(examples: Sequence[Example], seqs: dict[str, int], n: int) -> list[Example]:
+    """The ``n`` newest of ``examples`` (by store sequence), in their original order."""
+    if len(examples) <= n:
+        return list(examples)
+    order = sorted(range(len(examples)), key=lambda i: _seq(examples[i], seqs), reverse=True)
+    return [examples[i] for i in sorted(order[:n])]
+
+
+def policy_train_config(cfg: Config) -> Any:
+    """The ``[policy]`` table's training knobs as a PolicyTrainConfig; the base defaults to
+    the reward model's (``base_model``), so both share one loaded base."""
+    from palate.config import POLICY_TYPES
+    from palate.generation.dpo import PolicyTrainConfig
+
+    knobs = {"base_model": cfg.base_model, **cfg.policy.train}
+    return _knobs(PolicyTrainConfig, "policy", knobs, also=tuple(POLICY_TYPES))
+
+
+def on_policy_progress(e: ProgressEvent) -> None:
+    d = asdict(e)
+    PROGRESS.report(f"policy-{d.pop('phase')}", d.pop("step"), d.pop("total"), **d)
+
+
+def nightly_policy(
+    store: Store, cfg: Config, job: str, deploy: bool, night: Night
+) -> dict[str, Any]:
+    """The optional nightly policy run (``[policy] nightly = true``; docs/generation.md).
+
+    Trains a policy adapter (train_policy) on the newest ``[policy] max_examples`` examples
+    of the reward model's training side, evaluates it (evaluate_adapter, as
+    ``policy_register`` does) on the newest as many held-out pairs with the deployed reward
+    model as the win rate's judge, asks the policy gate and registers it as a ``policy``
+    version, deployed for generation when the gate passes. Returns what the run's result
+    records under ``policy``: the version and decision, or ``skipped`` with the reason when
+    there are fewer held-out pairs than the policy gate needs, no training-side pairs, or
+    no deployed reward model to judge the samples. Raises on a failure (the caller records
+    it; the reward model's registration, already committed, stands).
+    """
+    from palate.generation.dpo import train_policy
+    from palate.generation.gate import PolicyGate, gate_entry
+    from palate.generation.policy import policy_artifact
+    from palate.generation.service import evaluate_adapter
+
+    t0 = time.time()
+    need = PolicyGate().min_pairs
+    if len(night.held_pairs) < need:
+        return {"skipped": f"{len(night.held_pairs)} held-out pairs; the policy gate needs {need}"}
+    if not any(isinstance(e, PairExample) for e in night.train):
+        return {"skipped": "no training-side pairs (ratings only)"}
+    pc = policy_train_config(cfg)  # before the judge: a typo in [policy] is reported as such
+    judge = deployed_scorer(store, night.base)
+    if judge is None:
+        return {"skipped": "no deployed reward model to judge the adapter's samples"}
+    judge_version, judge_scorer, _ = judge
+    base = night.base if pc.base_model == night.base_spec else load_base_model(pc.base_model)
+    limit = cfg.policy.max_examples
+    train = newest(night.train, night.seqs, limit)
+    held = [p for p in newest(night.held_pairs, night.seqs, limit) if isinstance(p, PairExample)]
+    PROGRESS.report("policy-reference", 0, 0, message="training the policy adapter")
+    result = train_policy(train, pc, base=base, progress=on_policy_progress)
+    art = policy_artifact(
+        result.lm,
+        base,
+        pc.lora(),
+        train_config=pc.to_json(),
+        metrics=result.metrics,
+        training_data=result.data_summary,
+    )
+    del result  # the artifact holds the weights; evaluation rebuilds the adapter from them
+
+    def on_eval(phase: str, step: int, total: int) -> None:
+        PROGRESS.report(f"policy-{phase}", step, total, message="judging the policy adapter")
+
+    report = evaluate_adapter(
+        art,
+        base,
+        judge_scorer,
+        held,
+        name=f"nightly {job}",
+        win_prompts=cfg.policy.win_prompts,
+        progress=on_eval,
+    )
+    decision, meta, state = gate_entry(
+        report, art.config, kind=POLICY_KIND, source=f"nightly:{job}"
+    )
+    meta["training"].update(
+        {
+            "data": art.config.get("training_data", {}),
+            "examples": len(train),
+            "of_train": len(night.train),
+            "heldout_pairs": len(held),
+            "data_seq": night.data_seq,
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+    meta.update({"judge": judge_version, "job": job})
+    if not parent_alive():
+        raise PalateError(
+            "unavailable", "the daemon that started this run is gone; no policy was registered"
+        )
+    version, deployed = register(
+        store,
+        base_model=art.config["base_model"]["id"],
+        meta=meta,
+        artifact=artifacts.to_bytes(art),
+        state=state,
+        deploy_reason="nightly policy gate: " + "; ".join(decision.reasons)[:480]
+        if decision.action == "deploy" and deploy
+        else None,
+        forget_count=night.forgets,
+    )
+    return {
+        "version": version,
+        "decision": decision.action,
+        "reasons": decision.reasons,
+        "deployed": deployed,
+        "accuracy": report.get("accuracy"),
+        "win_rate": report.get("win_rate"),
+        "judge": judge_version,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> dict[str, Any]:
@@ -456,6 +615,23 @@ def run(job: str, *, deploy: bool = True, policy: GatePolicy | None = None) -> d
 
 
 def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) -> dict[str, Any]:
+    out, night = _reward_night(store, cfg, job, deploy, policy)
+    if cfg.policy.nightly:
+        try:
+            out["policy"] = nightly_policy(store, cfg, job, deploy, night)
+        except Exception as e:  # the reward model's result stands whatever happens here
+            traceback.print_exc(file=sys.stderr)
+            message = e.message if isinstance(e, PalateError) else f"{type(e).__name__}: {e}"
+            out["policy"] = {"error": message[:500]}
+        PROGRESS.report("policy", 1, 1, message="policy run finished", outcome=out["policy"])
+    return out
+
+
+def _reward_night(
+    store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy
+) -> tuple[dict[str, Any], Night]:
+    """The reward model's part of the run (steps 1-5): its result, and what the nightly
+    policy run reuses."""
     t0 = time.time()
     PROGRESS.report("load", 0, 0, message="reading feedback")
     frozen_epoch = store.frozen_cache_epoch()  # before reading: see keep_frozen
@@ -611,7 +787,7 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         else None,
         forget_count=forgets,
     )
-    return {
+    out = {
         "version": version,
         "decision": decision.action,
         "reasons": decision.reasons,
@@ -619,6 +795,16 @@ def _run(store: Store, cfg: Config, job: str, deploy: bool, policy: GatePolicy) 
         "accuracy": metrics.get("accuracy"),
         "seconds": round(time.time() - t0, 1),
     }
+    night = Night(
+        base=base,
+        base_spec=tc.base_model,
+        train=list(split.train),
+        held_pairs=held_pairs,
+        seqs=seqs,
+        forgets=forgets,
+        data_seq=data_seq,
+    )
+    return out, night
 
 
 def main(argv: Sequence[str] | None = None) -> int:

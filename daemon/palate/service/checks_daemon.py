@@ -102,6 +102,7 @@ def job_as_result(job: dict[str, Any]) -> dict[str, Any]:
         "version": res.get("version"),
         "decision": res.get("decision"),
         "deployed": res.get("deployed"),
+        **({"policy": res["policy"]} if res.get("policy") is not None else {}),
     }
 
 
