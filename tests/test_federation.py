@@ -154,6 +154,7 @@ def test_noise_follows_the_clients_actually_averaged_when_one_failed() -> None:
         "clipping_norm": clip,
         "noise_multiplier": z,
         "std": pytest.approx(z * clip / (n - 1)),
+        "distinct_updates": 1,  # the fake results are all zeros
     }
 
 
@@ -485,3 +486,29 @@ def test_shared_adapter_starts_the_nightly_run(fed_home: Path, trainer: LocalTra
         else:
             np.testing.assert_allclose(value, shared[key])
     np.testing.assert_allclose(after["head.weight"][1:], before[1:])  # the rest keep theirs
+
+
+def test_control_and_runtime_apis_answer_loopback_peers_only() -> None:
+    """The SuperLink's Control and Runtime APIs share the Fleet port: remote peers get 403."""
+    import asyncio
+
+    from palate.federation.engine import _LoopbackOnly
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    def status(path: str, peer: str) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "client": (peer, 5000)}
+        asyncio.run(_LoopbackOnly(app)(scope, None, send))
+        return int(sent[0]["status"])
+
+    assert status("/v1/fleet/pull-messages", "10.0.0.7") == 200  # remote SuperNodes
+    assert status("/v1/control/start-run", "10.0.0.7") == 403
+    assert status("/v1/runtime/acquire-task", "10.0.0.7") == 403
+    assert status("/v1/control/start-run", "127.0.0.1") == 200  # serve's own ServerApp
+    assert status("/v1/runtime/acquire-task", "::1") == 200

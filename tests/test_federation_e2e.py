@@ -1,7 +1,9 @@
 """`palate federate serve` and `join` as real processes over 127.0.0.1, with Flower's TLS.
 
-The server and the client are separate `palate` processes; the client trains the tiny
-model from its own encrypted store. Nothing listens beyond the loopback address.
+The server and the clients are separate `palate` processes on Flower's deployment engine
+(the server hosts a SuperLink, each client starts a SuperNode); each client trains the tiny
+model from its own encrypted store. With 3 clients the rounds run SecAgg+. Nothing listens
+beyond the loopback address.
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def palate(*args: str, home: Path | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PALATE_KEY_BACKEND": "file", "PYTHONUNBUFFERED": "1"}
+def palate(
+    *args: str, home: Path | None = None, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PALATE_KEY_BACKEND": "file",
+        "PYTHONUNBUFFERED": "1",
+        **(env_extra or {}),
+    }
     if home is not None:
         env["PALATE_HOME"] = str(home)
     return subprocess.Popen(
@@ -49,14 +58,14 @@ def palate(*args: str, home: Path | None = None) -> subprocess.Popen[str]:
     )
 
 
-def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+def finish(proc: subprocess.Popen[str], returncode: int = 0) -> dict[str, Any]:
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out)  # type: ignore[no-any-return]
+    assert proc.returncode == returncode, err[-3000:]
+    return json.loads(out) if returncode == 0 else {}
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +176,94 @@ def test_client_process_stops_at_its_budget(setup: dict[str, Any]) -> None:
     assert joined["rounds_joined"] == 2 and joined["epsilon"] <= budget
     status = finish(palate("federate", "status", "--json", home=home))
     assert status["rounds_joined"] == 2 and status["budget"] == pytest.approx(budget)
+
+
+def _team(
+    setup: dict[str, Any], name: str, server_flags: list[str], exit_in_round: dict[int, int]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Path]]:
+    """A server and 3 client processes for one round; ``exit_in_round``: client -> round."""
+    homes = [setup["root"] / f"{name}{i}" for i in range(3)]
+    for i, home in enumerate(homes):
+        make_home(home, pairs=24, seed=10 + i)
+    address = f"127.0.0.1:{free_port()}"
+    server = palate(
+        "federate",
+        "serve",
+        "--address",
+        address,
+        "--clients",
+        "3",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "2",
+        *server_flags,
+        *setup["model"],
+        "--json",
+    )
+    clients = []
+    try:
+        for i, home in enumerate(homes):
+            env = {}
+            if i in exit_in_round:
+                env["PALATE_FEDERATE_TEST_EXIT_IN_ROUND"] = str(exit_in_round[i])
+            tls = ["--tls", str(setup["tls"])] if "--tls" in server_flags else []
+            clients.append(
+                palate(
+                    "federate",
+                    "join",
+                    "--server",
+                    address,
+                    *tls,
+                    "--budget",
+                    "20",
+                    *setup["model"],
+                    "--json",
+                    home=home,
+                    env_extra=env,
+                )
+            )
+        joined = [
+            finish(c, 0 if i not in exit_in_round else 128 + 15) for i, c in enumerate(clients)
+        ]
+        served = finish(server)
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return served, joined, homes
+
+
+def test_three_clients_secagg_plus_over_tls(setup: dict[str, Any]) -> None:
+    """A SecAgg+ round between 4 processes: the strategy gets only the unmasked sum."""
+    served, joined, homes = _team(setup, "sa", ["--tls", str(setup["tls"])], {})
+    assert served["secagg"] is True and served["tls"] is True
+    assert served["rounds_aggregated"] == 1
+    (noise,) = served["noise"]
+    assert noise["clients"] == 3 and noise["failures"] == 0
+    assert noise["std"] == pytest.approx(1.5 * 0.5 / 3)
+    # Three clients trained on different data, yet all three results the strategy received
+    # carry the same vector: SecAgg+ unmasked only their sum, never one client's update.
+    assert noise["distinct_updates"] == 1
+    for out, home in zip(joined, homes, strict=True):
+        assert out["stopped"] == "finished" and out["rounds_joined"] == 1
+        assert out["epsilon"] == pytest.approx(epsilon_for([1.5]))
+        status = finish(palate("federate", "status", "--json", home=home))
+        assert status["rounds_joined"] == 1
+        assert status["last_round"]["epsilon"] == pytest.approx(epsilon_for([1.5]))
+        assert status["adapter"]["round"] == 1  # the new global weights came back
+
+
+def test_secagg_round_survives_a_client_exiting_mid_round(setup: dict[str, Any]) -> None:
+    """Client 2 ends (SIGTERM) while it trains; SecAgg+ recovers the others' sum."""
+    served, joined, homes = _team(setup, "drop", ["--min-clients", "2"], {2: 1})
+    assert served["secagg"] is True and served["rounds_aggregated"] == 1
+    (noise,) = served["noise"]
+    assert noise["clients"] == 2  # averaged, and the noise scaled to them
+    assert noise["std"] == pytest.approx(1.5 * 0.5 / 2)
+    assert noise["distinct_updates"] == 1
+    for out, home in zip(joined[:2], homes[:2], strict=True):
+        assert out["stopped"] == "finished" and out["rounds_joined"] == 1
+        assert finish(palate("federate", "status", "--json", home=home))["adapter"]["round"] == 1
+    gone = finish(palate("federate", "status", "--json", home=homes[2]))
+    assert gone["rounds_joined"] == 0  # it left before its update: nothing charged

@@ -227,7 +227,20 @@ def simulate(as_json: bool, **kw: Any) -> None:
     show_default=True,
     help="Clients every round waits for (and averages).",
 )
+@click.option(
+    "--min-clients",
+    type=click.IntRange(1),
+    default=None,
+    help="Rounds go on with this many if others drop out [default: all of --clients]; "
+    "the first round waits for all.",
+)
 @click.option("--federation", default="palate", show_default=True, help="A name for this run.")
+@click.option(
+    "--secagg/--no-secagg",
+    default=True,
+    show_default=True,
+    help="Mask updates with Flower's SecAgg+ (with 3+ clients): the server sees only the sum.",
+)
 @click.option(
     "--tls",
     "tls_dir",
@@ -239,21 +252,46 @@ def simulate(as_json: bool, **kw: Any) -> None:
 @json_option
 @handles_errors
 def serve(
-    as_json: bool, address: str, clients: int, federation: str, tls_dir: Path | None, **kw: Any
+    as_json: bool,
+    address: str,
+    clients: int,
+    min_clients: int | None,
+    federation: str,
+    secagg: bool,
+    tls_dir: Path | None,
+    **kw: Any,
 ) -> None:
-    """Aggregate rounds: FedAvg (or a trimmed mean) of clipped updates, plus DP noise."""
+    """Aggregate rounds: FedAvg (or a trimmed mean) of clipped updates, plus DP noise.
+
+    Runs Flower's SuperLink on --address; each client's `join` connects a SuperNode to it.
+    With 3+ clients the updates are masked with SecAgg+ unless --no-secagg.
+    """
     _need_flower()
+    from dataclasses import replace
+
     from palate.federation.deploy import TlsFiles
     from palate.federation.deploy import serve as run_serve
 
-    plan = _plan(kw, federation, clients, secagg=False)
+    if min_clients is not None and min_clients > clients:
+        raise PalateError("invalid_request", "--min-clients cannot exceed --clients")
+    plan = _plan(kw, federation, clients, secagg=secagg and clients >= 3)
+    if min_clients is not None:
+        threshold = max(2, -(-2 * clients // 3))
+        if plan.secagg and min_clients < threshold:
+            raise PalateError(
+                "invalid_request",
+                f"with SecAgg+ a round needs {threshold} of {clients} clients "
+                f"(--min-clients {threshold} or more, or --no-secagg)",
+            )
+        plan = replace(plan, min_clients=min_clients)
     tls = TlsFiles(tls_dir) if tls_dir is not None else None
     summary = run_serve(plan, address, tls)
 
     def human(d: dict[str, Any]) -> None:
         click.echo(
             f"{d['rounds_aggregated']}/{d['rounds']} rounds aggregated with {d['clients']} "
-            f"clients in {d['seconds']} s; noise multiplier {d['noise_multiplier']}"
+            f"clients in {d['seconds']} s; noise multiplier {d['noise_multiplier']}; "
+            f"SecAgg+ {'on' if d['secagg'] else 'off'}"
         )
 
     emit(summary, as_json, human)
@@ -270,6 +308,24 @@ def _open_store() -> Any:
         return Store(paths.db_file, dek)
     finally:
         zero(dek)
+
+
+def _exit_hook() -> Any:
+    """Tests: ``PALATE_FEDERATE_TEST_EXIT_IN_ROUND=R`` ends this process (SIGTERM, as on a
+    shutdown) while it trains in round R, i.e. mid-round."""
+    import os
+
+    value = os.environ.get("PALATE_FEDERATE_TEST_EXIT_IN_ROUND")
+    if not value:
+        return None
+
+    def hook(rnd: int) -> None:
+        import signal
+
+        if rnd == int(value):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 @federate.command()
@@ -354,7 +410,9 @@ def join(
             )
         trainer = _trainer(kw)
         data = trainer.prepare(train)
-        client = PalateClient(trainer, data, ledger, bud, _spec(kw), min_noise_multiplier=min_noise)
+        client = PalateClient(
+            trainer, data, ledger, bud, _spec(kw), min_noise_multiplier=min_noise, fail=_exit_hook()
+        )
         tls = TlsFiles(tls_dir) if tls_dir is not None else None
         reason = run_join(client, address, tls, max_wait_s=max_wait)
         zs = ledger.multipliers()

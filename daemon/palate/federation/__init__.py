@@ -14,7 +14,8 @@ deployment supports it) masked by SecAgg+ — is sent. Nothing else crosses the 
 - :mod:`.loopback` runs a Flower ServerApp against in-process ClientApps, serializing every
   message exactly as the wire would (the simulation, and what the tests inspect);
 - :mod:`.simulate` deals a data set into non-IID shards and measures global vs local;
-- :mod:`.deploy` runs the server and clients as real processes (gRPC, TLS as Flower does).
+- :mod:`.deploy` runs the server and clients as real processes (TLS as Flower does) on
+  :mod:`.engine`, Flower's deployment engine (a SuperLink, SuperNodes, SecAgg+).
 
 Beside the runtime in the layers (pyproject.toml): it trains through :mod:`palate.model`
 and reads the store, and never imports the runtime, the service or the CLI (only the CLI

@@ -204,6 +204,8 @@ class PalateClient(NumPyClient):
         self.spec = spec
         self.min_noise_multiplier = min_noise_multiplier
         self.exhausted = False
+        #: The last round whose new global weights this client received (0: none yet).
+        self.delivered_round = 0
         self._fail = fail  # tests: a hook that may raise mid-round
 
     def _check(self, config: dict[str, Any]) -> tuple[str, int]:
@@ -258,6 +260,7 @@ class PalateClient(NumPyClient):
             {"spec": self.spec, "round": rnd, "keys": list(self.trainer.keys)},
             arrays_to_bytes(self.trainer.keys, parameters),
         )
+        self.delivered_round = max(self.delivered_round, rnd)
         return 0.0, 1, {}
 
 
@@ -338,9 +341,16 @@ class _Tolerant:
                     "clipping_norm": clip_used,
                     "noise_multiplier": float(self.noise_multiplier),
                     "std": _noise_std(self.noise_multiplier, clip_used, len(results)),
+                    # Under SecAgg+ every result carries the same unmasked average: 1.
+                    "distinct_updates": _distinct(results),
                 }
             )
         return params, dict(metrics or {})
+
+
+def _distinct(results: list[Any]) -> int:
+    """How many different weight vectors the strategy received (not what they are)."""
+    return len({b"".join(res.parameters.tensors) for _, res in results})
 
 
 class TolerantFixedClipping(_Tolerant, DifferentialPrivacyClientSideFixedClipping):
@@ -418,6 +428,13 @@ def build_strategy(
     )
 
 
+def _wait_for_nodes(grid: Any, n: int, poll_s: float = 1.0) -> None:
+    import time
+
+    while len(list(grid.get_node_ids())) < n:
+        time.sleep(poll_s)
+
+
 def build_server_app(
     plan: FederationPlan, strategy: Strategy, on_done: Callable[[LegacyContext], None] | None = None
 ) -> ServerApp:
@@ -426,6 +443,10 @@ def build_server_app(
 
     @app.main()
     def main(grid: Any, context: Context) -> None:
+        if plan.min_clients is not None and plan.min_clients < plan.clients:
+            # Rounds go on with ``min_clients`` (a client may drop out), but the first
+            # one waits for everybody, so that nobody misses it.
+            _wait_for_nodes(grid, plan.clients)
         legacy = LegacyContext(
             context=context, config=ServerConfig(num_rounds=plan.rounds), strategy=strategy
         )

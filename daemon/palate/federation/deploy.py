@@ -1,24 +1,23 @@
 """``palate federate serve`` and ``join``: the server and a client as real processes.
 
-The server is Flower's gRPC server (``flwr.server.start_server``) running the strategy of
-:mod:`.apps`; a client is Flower's client loop (``start_client_internal``) running the
-ClientApp of :mod:`.apps`, fed from this user's encrypted store. TLS is Flower's: the server
-takes ``(ca.crt, server.pem, server.key)`` and a client the CA certificate
-(:func:`make_certificates` writes such a set for a private deployment). Without TLS both
-sides refuse any address but the loopback.
-
-SecAgg+ runs where Flower's workflow API drives the round (the simulation, a Flower
-SuperLink deployment); Flower's gRPC server loop used here has no SecAgg+ (docs/federated.md).
+Both run on Flower's deployment engine (:mod:`.engine`): the server hosts a SuperLink and
+runs Palate's ServerApp (SecAgg+ with 3+ clients, the DP strategy of :mod:`.apps`) against
+it; a client starts a SuperNode and runs Palate's ClientApp, fed from this user's encrypted
+store, for every task it receives. TLS is Flower's: the server takes ``(ca.crt, server.pem,
+server.key)`` and a client the CA certificate (:func:`make_certificates` writes such a set
+for a private deployment). Without TLS both sides refuse any address but the loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +78,14 @@ class TlsFiles:
 def make_certificates(
     directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")
 ) -> TlsFiles:
-    """A private CA and a server certificate for ``hosts`` (the key files are 0600)."""
+    """A private CA and a server certificate for ``hosts`` and 127.0.0.1 (keys 0600)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    # The server's own ServerApp reaches its SuperLink over the loopback address.
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1"]))
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -157,19 +158,25 @@ def serve(
     """Run ``plan.rounds`` rounds with ``plan.clients`` clients, then return a summary.
 
     The server needs no base model and sees no data: it starts from one client's seeded
-    initial weights, averages clipped updates and adds the noise.
+    initial weights, averages clipped updates (only their sum under SecAgg+) and adds the
+    noise. Flower's SuperLink listens on ``address`` for the clients' SuperNodes.
     """
-    import flwr
+    from palate.federation.engine import LocalSuperLink, quiet_flower
 
     _check_transport(address, tls)
+    quiet_flower()
+    from palate.federation.apps import build_server_app
+
+    certificates = None
+    if tls is not None:
+        tls.server_certificates()  # every file is there (a clear error otherwise)
+        certificates = (tls.ca, tls.directory / "server.pem", tls.directory / "server.key")
     strategy = build_strategy(plan, initial_arrays=initial_arrays)
+    app = build_server_app(plan, strategy)
     t0 = time.monotonic()
-    history = flwr.server.start_server(
-        server_address=address,
-        config=flwr.server.ServerConfig(num_rounds=plan.rounds),
-        strategy=strategy,
-        certificates=tls.server_certificates() if tls is not None else None,
-    )
+    with LocalSuperLink(address, certificates) as link:
+        link.start_run({"federation": plan.federation, "rounds": plan.rounds})
+        link.run_server_app(app)
     seconds = time.monotonic() - t0
     rounds_done = len(strategy.noise_log)
     return {
@@ -177,6 +184,8 @@ def serve(
         "rounds": plan.rounds,
         "rounds_aggregated": rounds_done,
         "clients": plan.clients,
+        "min_clients": plan.min_clients or plan.clients,
+        "secagg": plan.secagg,
         "noise_multiplier": plan.noise_multiplier,
         "clipping": plan.clipping,
         "aggregator": plan.aggregator,
@@ -190,7 +199,6 @@ def serve(
         "noise": strategy.noise_log,
         "tls": tls is not None,
         "seconds": round(seconds, 2),
-        "history_rounds": len(getattr(history, "losses_distributed", []) or []),
     }
 
 
@@ -222,6 +230,23 @@ class StoreLedger:
         self.store.set_federated_adapter(federation, meta, blob)
 
 
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM ends this process through ``finally`` blocks (the SuperNode child stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def join(
     client: PalateClient,
     address: str,
@@ -232,39 +257,39 @@ def join(
 ) -> str:
     """Take part until the server ends the run or the budget is spent; says which.
 
-    Flower's client loop runs in a worker thread; this thread watches for the budget
-    running out and then stops taking part (the process exits after returning).
+    Flower's SuperNode (a child process) keeps the connection to the server; this process
+    runs each ClientApp task it receives. After the last round's new global weights have
+    arrived it waits for the server to finish (so the acknowledgement reaches it); when the
+    budget runs out it stops taking part. ``finished`` also when the server could not be
+    reached for ``max_wait_s`` (Flower's SuperNode gives up).
     """
-    from flwr.compat.client.app import start_client_internal
+    from palate.federation.engine import (
+        ClientTaskRunner,
+        Endpoint,
+        SuperNodeProcess,
+        quiet_flower,
+        wait_until_gone,
+    )
 
     _check_transport(address, tls)
+    quiet_flower()
     app = build_client_app(lambda _context: client)
-    failure: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            start_client_internal(
-                server_address=address,
-                node_config={},
-                load_client_app_fn=lambda *_: app,
-                root_certificates=tls.ca.read_bytes() if tls is not None else None,
-                insecure=tls is None,
-                max_wait_time=max_wait_s,
-            )
-        except BaseException as e:  # SystemExit from Flower when it gives up, too
-            failure.append(e)
-
-    worker = threading.Thread(target=loop, name="flower-client", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.5)
-        if client.exhausted:
-            reason = "budget"
-            break
-    else:
-        reason = "finished"
-        if failure and not isinstance(failure[0], SystemExit):
-            raise PalateError("unavailable", f"the Flower client stopped: {failure[0]}")
+    ca = tls.ca if tls is not None else None
+    if ca is not None and not ca.is_file():
+        raise PalateError("invalid_request", f"no CA certificate at {ca}")
+    reason = "finished"
+    with _terminate_raises(), SuperNodeProcess(address, ca, max_wait_s=max_wait_s) as node:
+        runner = ClientTaskRunner(node, app)
+        while node.alive():
+            runner.run_next(wait_s=1.0)
+            if client.exhausted:
+                reason = "budget"
+                time.sleep(2.0)  # the SuperNode sends the refusal on
+                break
+            rounds = runner.rounds
+            if rounds and client.delivered_round >= rounds:
+                wait_until_gone(Endpoint(address, ca), timeout_s=max_wait_s)
+                break
     if on_stop is not None:
         on_stop(reason)
     return reason
