@@ -370,6 +370,16 @@ def _try_acquire(client: Any, task_type: str, until: float, poll_s: float = 0.1)
 # ---------------------------------------------------------------------------------- client
 
 
+#: ``flower-supernode``, which also ends (Flower's own parent monitor, as ``flwr-clientapp``
+#: uses it) when the process that started it is gone, even if that one was killed outright:
+#: a SuperNode left behind would keep answering heartbeats and never run a task.
+_SUPERNODE_MAIN = (
+    "import sys; from flwr.supercore.app_utils import start_parent_process_monitor; "
+    "start_parent_process_monitor(int(sys.argv.pop(1))); "
+    "from flwr.supernode.cli import flower_supernode; flower_supernode()"
+)
+
+
 class SuperNodeProcess:
     """Flower's ``flower-supernode`` as a child process (``--isolation process``).
 
@@ -399,7 +409,8 @@ class SuperNodeProcess:
         cmd = [
             sys.executable,
             "-c",
-            "from flwr.supernode.cli import flower_supernode; flower_supernode()",
+            _SUPERNODE_MAIN,
+            str(os.getpid()),
             "--superlink",
             self.superlink,
             *tls,
