@@ -125,24 +125,79 @@ def test_unpack_refuses_pickled_objects() -> None:
 
 def test_prefix_cache_dtype_shapes_and_progress() -> None:
     """float16 by default (half the memory), float32 on request; every group's prompt and
-    responses come back at their own lengths; progress ends at the total token cost."""
+    responses come back at their own lengths, split over two streams as over one; progress
+    reports each batch's groups and tokens and ends at the total cost."""
     base = tiny_base()
     groups, _ = encode_examples(marker_pairs(6), base.tokenizer, 64)
     model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
     seen: list[tuple[int, int, int]] = []
-    half = build_prefix_cache(
-        model, groups, 256, [mx.default_stream(mx.cpu)], progress=lambda *a: seen.append(a)
-    )
+    two = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    half = build_prefix_cache(model, groups, 256, two, progress=lambda *a: seen.append(a))
     full = build_prefix_cache(model, groups, 256, [mx.default_stream(mx.cpu)], dtype="float32")
-    assert seen and seen[-1][0] == sum(g.cost for g in groups)
-    assert [a[0] for a in seen] == sorted(a[0] for a in seen)
+    total = sum(g.cost for g in groups)
+    assert seen[-1][0] == total and sum(a[2] for a in seen) == total
+    assert sum(a[1] for a in seen) == len(groups)
+    assert [a[0] for a in seen] == list(np.cumsum([a[2] for a in seen]))
     for g, (p, rs), (p32, rs32) in zip(groups, half, full, strict=True):
         assert p.dtype == np.float16 and p32.dtype == np.float32
-        assert p.shape[0] == len(g.prompt) and [r.shape[0] for r in rs] == [
-            len(r) for r in g.responses
-        ]
+        assert p.shape[0] == len(g.prompt)
+        assert [r.shape[0] for r in rs] == [len(r) for r in g.responses]
         assert all(r.dtype == np.float16 for r in rs) and all(r.dtype == np.float32 for r in rs32)
         np.testing.assert_allclose(p, p32, rtol=1e-2, atol=1e-2)
+
+
+def test_activations_too_large_for_float16_are_kept_in_float32() -> None:
+    base = tiny_base()
+    emb = base.model.model.embed_tokens
+    emb.weight = emb.weight * 1e6  # the residual stream carries it past float16's 65504
+    groups, _ = encode_examples(marker_pairs(2), base.tokenizer, 64)
+    model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
+    for p, rs in build_prefix_cache(model, groups, 256, [mx.default_stream(mx.cpu)]):
+        assert p.dtype == np.float32 and np.isfinite(p).all() and np.abs(p).max() > 65504
+        assert all(r.dtype == np.float32 and np.isfinite(r).all() for r in rs)
+
+
+def test_frozen_prefix_keys_lookups_counts_and_memory_bound() -> None:
+    """What FrozenPrefix asks the store for (the persisted key of this base, split and dtype),
+    what it counts, what it offers to keep (only what it computed), and its memory bound
+    (an entry that would pass ``max_bytes`` is not kept, and is recomputed when asked again,
+    never missing from a result)."""
+    base = tiny_base()
+    groups, _ = encode_examples(marker_pairs(8), base.tokenizer, 64)
+    model = RewardModel(base.model, LoraConfig(layers=2), seed=0)
+    cpu = [mx.default_stream(mx.cpu)]
+    built = build_prefix_cache(model, groups, 256, cpu)
+    keys = [frozen_key(g, "hashA", model.split, "float16") for g in groups]
+    stored = {keys[0]: pack_hidden(built[0]), keys[1]: pack_hidden(built[1])}
+    asked: list[str] = []
+
+    def lookup(k: str) -> bytes | None:
+        asked.append(k)
+        return stored.get(k)
+
+    fp = FrozenPrefix("hashA", model.split, lookup=lookup)
+    out = fp.hidden(model, groups[:6], 256, cpu)
+    assert asked == keys[:6]
+    assert fp.stats() == {"reused": 2, "shared": 0, "computed": 4}
+    assert [k for k, _ in fp.fresh()] == keys[2:6]
+    for i, ((p, rs), (bp, brs)) in enumerate(zip(out, built[:6], strict=True)):
+        assert p.dtype == np.float16 and all(r.dtype == np.float16 for r in rs)
+        if i < 2:  # read back from the store exactly
+            assert np.array_equal(p, bp) and all(map(np.array_equal, rs, brs))
+        else:  # computed in other batches: equal up to float16 rounding
+            np.testing.assert_allclose(p, bp, atol=2e-2)
+    fp.hidden(model, groups, 256, cpu)  # six in memory, two new
+    assert fp.stats() == {"reused": 2, "shared": 6, "computed": 6}
+    assert asked == keys[:6] + keys[6:]
+
+    sizes = [int(p.nbytes + sum(r.nbytes for r in rs)) for p, rs in built]
+    tight = FrozenPrefix("hashA", model.split, max_bytes=sizes[0] + sizes[1])  # no lookup
+    first = tight.hidden(model, groups[:3], 256, cpu)
+    assert [k for k, _ in tight.fresh()] == keys[:2]  # the third would pass the bound
+    assert all(p.shape[0] == len(g.prompt) for (p, _), g in zip(first, groups, strict=False))
+    again = tight.hidden(model, groups[:3], 256, cpu)
+    assert tight.stats() == {"reused": 0, "shared": 2, "computed": 4}
+    np.testing.assert_allclose(again[2][0], built[2][0], atol=2e-2)
 
 
 @pytest.fixture
