@@ -27,6 +27,7 @@ import numpy as np
 from palate.errors import PalateError
 from palate.federation.accounting import Budget, epsilon_for
 from palate.federation.apps import FederationPlan, PalateClient, build_client_app, build_strategy
+from palate.federation.engine import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ __all__ = [
     "make_certificates",
     "serve",
 ]
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

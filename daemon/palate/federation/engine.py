@@ -24,6 +24,7 @@ peers only (the Fleet API is what remote SuperNodes use), and the Runtime API's
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -42,6 +43,19 @@ from typing import Any
 from palate.errors import PalateError
 
 log = logging.getLogger(__name__)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names this machine (a plain, untrusted transport is refused
+    anywhere else; the SuperLink's own APIs answer loopback peers only)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 __all__ = [
     "ClientTaskRunner",
@@ -138,8 +152,6 @@ class _LoopbackOnly:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get("type") == "http" and str(scope.get("path", "")).startswith(_LOCAL_ONLY):
-            from palate.federation.deploy import is_loopback
-
             peer = scope.get("client") or ("", 0)
             if not is_loopback(f"{peer[0]}:0"):
                 await send({"type": "http.response.start", "status": 403, "headers": []})
