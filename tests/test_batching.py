@@ -60,13 +60,13 @@ def _group(lp: int, *lrs: int, kind: str = "pair", **kw: float) -> EncodedGroup:
 
 def test_truncation_stats_count_examples_and_tokens() -> None:
     s = TruncationStats()
-    for t in (Truncation(0, 0), Truncation(3, 0), Truncation(0, 2), Truncation(4, 5)):
+    for t in (Truncation(0, 0), Truncation(1, 0), Truncation(0, 1), Truncation(4, 5)):
         s.add(t)
     assert s.to_json() == {
         "examples": 4,
         "prompt_truncated": 2,
         "response_truncated": 2,
-        "tokens_cut": 14,
+        "tokens_cut": 11,
     }
 
 
@@ -90,6 +90,10 @@ def test_encode_examples_keeps_kind_margin_label_weight_and_reports_progress() -
     short, cut = encode_examples(ex[:2], tok, 8)
     assert cut.examples == 2 and cut.tokens_cut > 0
     assert all(len(g.prompt) + max(len(r) for r in g.responses) <= 8 for g in short)
+    assert [g.truncation for g in short] == [g.truncation for g in short if g.truncation.truncated]
+    assert sum(
+        g.truncation.prompt_tokens_cut + g.truncation.response_tokens_cut for g in short
+    ) == (cut.tokens_cut)
 
 
 def _cost(groups: list[EncodedGroup], batch: list[int]) -> int:
@@ -120,11 +124,18 @@ def test_bucket_batches_fill_the_budget_greedily_in_length_order() -> None:
             assert _cost(groups, b + nxt[:1]) > budget
     assert [len(groups) - 1] in batches
     assert bucket_batches([], budget) == []
+    assert bucket_batches(groups[:1], budget) == [[0]]
+    # A budget met exactly is within it: three ratings of 2 tokens, no prompt, cost 6.
+    exact = [_group(0, 2, kind="rating") for _ in range(3)]
+    assert bucket_batches(exact, 6) == [[0, 1, 2]]
+    assert bucket_batches(exact, 5) == [[0, 1], [2]]
     # Shuffled: the same groups, another order, reproducible from the seed.
     a = bucket_batches(groups, budget, np.random.default_rng(1))
     b2 = bucket_batches(groups, budget, np.random.default_rng(1))
     assert a == b2 and sorted(i for x in a for i in x) == list(range(len(groups)))
     assert a != batches
+    # ... and other neighbours: lengths are jittered within their 16-token bucket.
+    assert sorted(map(sorted, a)) != sorted(map(sorted, batches))
     for b in a:
         assert len(b) == 1 or _cost(groups, b) <= budget
 
@@ -152,7 +163,9 @@ def test_collate_by_hand() -> None:
     assert b.rating_weight.tolist() == [3.0]
     assert b.tokens == 4 + 11
     assert b.prompt.dtype == np.int32 and b.response.dtype == np.int32
-    assert b.margin.dtype == np.float32 and b.pair_idx.dtype == np.int32
+    ints = (b.prompt_len, b.response_len, b.group, b.pair_idx, b.rating_idx)
+    floats = (b.margin, b.pair_weight, b.label, b.rating_weight)
+    assert all(x.dtype == np.int32 for x in ints) and all(x.dtype == np.float32 for x in floats)
     # Only empty prompts: one padded column, so the model's arrays are never zero-width.
     assert collate(groups, [1]).prompt.shape == (1, 1)
     # From the frozen-prefix cache: hidden states in place of ids, zero-padded.
@@ -166,6 +179,7 @@ def test_collate_by_hand() -> None:
     ]
     h = collate(groups, [2, 0], hidden)
     assert h.prompt.shape == (2, 3, d) and h.response.shape == (4, 4, d)
+    assert h.prompt.dtype == np.float32 and h.response.dtype == np.float32
     assert h.prompt[0, :, 0].tolist() == [3.0, 0.0, 0.0] and h.prompt[1, :, 0].tolist() == [1.0] * 3
     assert h.response[:, :, 1].tolist() == [
         [20.0, 20.0, 20.0, 0.0],
@@ -177,11 +191,11 @@ def test_collate_by_hand() -> None:
 
 
 def test_split_batch_balances_token_cost() -> None:
-    groups = [_group(0, n, kind="rating") for n in (9, 7, 6, 5, 4, 1)]
+    groups = [_group(0, n, kind="rating") for n in (1, 9, 5, 7, 4, 6)]
     shards = split_batch(list(range(6)), groups, 2)
     # Longest first onto the lighter shard: 9 -> a, 7 -> b, 6 -> b (13), 5 -> a (14),
     # 4 -> b (17), 1 -> a (15).
-    assert shards == [[0, 3, 5], [1, 2, 4]]
-    assert split_batch([0, 1], groups, 5) == [[0], [1]]  # no more shards than groups
-    assert split_batch([0, 1, 2], groups, 1) == [[0, 1, 2]]
+    assert shards == [[1, 2, 0], [3, 5, 4]]
+    assert split_batch([0, 1], groups, 5) == [[1], [0]]  # no more shards than groups
+    assert split_batch([2, 0, 1], groups, 1) == [[2, 0, 1]]  # one part: as given
     assert split_batch([3], groups, 2) == [[3]]
