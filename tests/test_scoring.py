@@ -97,6 +97,25 @@ def test_z_scores_and_probability() -> None:
     c = Calibration(mean=1.0, std=2.0, temperature=0.5)
     assert c.z(np.array([3.0]))[0] == pytest.approx(1.0)
     assert c.prob(1.0, 0.5) == pytest.approx(1 / (1 + math.exp(-1.0)))
+    assert c.prob(0.5, 1.0) == pytest.approx(1 / (1 + math.exp(1.0)))
+    # p(good) is taken against the rating baseline (the offset), at the same temperature.
+    g = Calibration(temperature=2.0, offset=0.5)
+    assert g.prob_good(1.5) == pytest.approx(1 / (1 + math.exp(-0.5)))
+    assert g.prob_good(-0.5) == pytest.approx(1 / (1 + math.exp(0.5)))
+    assert g.prob_good(0.5) == 0.5
+    # Far apart: 0 or 1, never an OverflowError from exp().
+    assert c.prob(-1e6, 0.0) == 0.0 and c.prob(1e6, 0.0) == 1.0
+    assert g.prob_good(-1e6) == 0.0 and g.prob_good(1e6) == 1.0
+
+
+def test_score_many_keeps_empty_requests_in_place() -> None:
+    sc = _scorer()
+    prompt = "Human: " + " ".join(WORDS[:5])
+    res = sc.score_many([(prompt, []), (prompt, ["w1 w2", "w3"]), ("w9", [])])
+    assert [len(r.raw) for r in res] == [0, 2, 0]
+    assert res[0].raw == [] and res[0].z == [] and res[0].truncated == []
+    assert res[2].truncated == [] and res[1].truncated == [False, False]
+    np.testing.assert_allclose(res[1].raw, sc.score(prompt, ["w1 w2", "w3"]).raw, atol=1e-5)
 
 
 def test_fit_temperature_recovers_scale() -> None:
