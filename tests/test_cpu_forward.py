@@ -7,6 +7,7 @@ from palate.model.blas import ensure_fast_blas
 
 ensure_fast_blas()
 
+import math  # noqa: E402
 from typing import Any  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -192,6 +193,85 @@ def test_quantized_model_is_reported_unsupported() -> None:
     model, _ = _model_with_trained_lora()
     nn.quantize(model.layers[0], group_size=32, bits=4)
     assert "quantized" in (cpu_engine_unsupported(model) or "")
+    with pytest.raises(ValueError, match=r"numpy forward unsupported: .*quantized"):
+        CpuEngine(model)  # refused when built, not only when asked
+    assert not use_cpu_engine(model)
+
+
+def test_parity_is_checked_per_base_not_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base the engine gets wrong stays on MLX even after another base passed its check
+    (the verdict is kept per base weights and LoRA placement, not shared)."""
+    good, _ = _model_with_trained_lora()
+    bad, _ = _model_with_trained_lora(base=tiny_variant("llama-rope"))
+    monkeypatch.setattr(scoring, "_parity", {})
+    monkeypatch.setattr(scoring, "parity_error", lambda m, e: 1.0 if m is bad else 0.0)
+    assert scoring.engine_parity(good) is None
+    assert scoring.engine_parity(bad) is not None
+    assert scoring.engine_parity(good) is None
+
+
+def test_the_environment_can_turn_the_numpy_forward_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = _model_with_trained_lora()
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the numpy forward is for the CPU device only")
+    assert use_cpu_engine(model)
+    monkeypatch.setenv("PALATE_CPU_FORWARD", "0")
+    assert not use_cpu_engine(model)
+
+
+def test_softmax_is_shifted_so_large_logits_do_not_overflow() -> None:
+    from palate.model.cpu_forward import _softmax_
+
+    s = np.array([[1000.0, 999.0, -1000.0]], dtype=np.float32)
+    p = _softmax_(s.copy())
+    e = 1 / (1 + math.exp(-1.0))
+    np.testing.assert_allclose(p, [[e, 1 - e, 0.0]], rtol=1e-6, atol=1e-7)
+
+
+def test_a_failure_in_a_worker_thread_reaches_the_caller() -> None:
+    from palate.model.cpu_forward import _shared_workers
+
+    fut = _shared_workers(2).submit(lambda: 1 // 0)
+    with pytest.raises(ZeroDivisionError):
+        fut.result(timeout=10)
+    assert _shared_workers(2).submit(lambda x: x + 1, 41).result(timeout=10) == 42
+
+
+def _blas_threads() -> int | None:
+    import ctypes
+    import glob
+    import os
+
+    libs = glob.glob(
+        os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")
+    )
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in (
+            "scipy_openblas_get_num_threads64_",
+            "openblas_get_num_threads64_",
+            "openblas_get_num_threads",
+        ):
+            getter = getattr(lib, name, None)
+            if getter is not None:
+                return int(getter())
+    return None
+
+
+def test_an_engine_with_its_own_threads_sets_numpy_blas_to_one_thread() -> None:
+    """Shard threads x BLAS threads must not outnumber the cores (docs/model.md)."""
+    from palate.model.cpu_forward import set_numpy_blas_threads
+
+    before = _blas_threads()
+    if before is None:
+        pytest.skip("numpy is not linked against a findable OpenBLAS here")
+    try:
+        assert set_numpy_blas_threads(2) and _blas_threads() == 2
+        model, _ = _model_with_trained_lora()
+        CpuEngine(model, threads=2).close()
+        assert _blas_threads() == 1
+    finally:
+        set_numpy_blas_threads(before)
 
 
 @pytest.mark.slow

@@ -116,6 +116,8 @@ def test_score_many_keeps_empty_requests_in_place() -> None:
     assert res[0].raw == [] and res[0].z == [] and res[0].truncated == []
     assert res[2].truncated == [] and res[1].truncated == [False, False]
     np.testing.assert_allclose(res[1].raw, sc.score(prompt, ["w1 w2", "w3"]).raw, atol=1e-5)
+    # z against the calibration's mean 0.5 and std 2.0 (see _scorer)
+    np.testing.assert_allclose(res[1].z, (np.array(res[1].raw) - 0.5) / 2.0, rtol=1e-6)
 
 
 def test_fit_temperature_recovers_scale() -> None:
