@@ -127,21 +127,12 @@ def train_command(
     try:
         config = _knobs()(**knobs)
         from palate.generation.dpo import train_policy
-        from palate.generation.policy import policy_artifact
         from palate.model.artifacts import save_dir
         from palate.model.base_model import load_base_model
 
         base = load_base_model(config.base_model)
         result = train_policy(examples, config, base=base, progress=_progress(as_json))
-        art = policy_artifact(
-            result.lm,
-            base,
-            config.lora(),
-            train_config=config.to_json(),
-            metrics=result.metrics,
-            training_data=result.data_summary,
-        )
-        save_dir(art, out_dir)
+        save_dir(result.artifact(base, config), out_dir)
     except click.ClickException:
         raise
     except Exception as exc:

@@ -47,8 +47,10 @@ from palate.generation.policy import (  # noqa: E402
     encode_rows,
     hidden,
     lm_with_lora,
+    policy_artifact,
     response_logprobs,
 )
+from palate.model.artifacts import ModelArtifact  # noqa: E402
 from palate.model.reward_model import LoraConfig  # noqa: E402
 from palate.model.training import ProgressEvent  # noqa: E402
 
@@ -208,6 +210,18 @@ class PolicyTrainResult:
     metrics: dict[str, Any]
     data_summary: dict[str, Any]
     history: list[dict[str, Any]]
+
+    def artifact(self, base: Any, config: PolicyTrainConfig) -> ModelArtifact:
+        """The adapter as a ``ModelArtifact`` recording how it was trained: what the CLI
+        saves and what the nightly run registers, built one way for both."""
+        return policy_artifact(
+            self.lm,
+            base,
+            config.lora(),
+            train_config=config.to_json(),
+            metrics=self.metrics,
+            training_data=self.data_summary,
+        )
 
 
 def _split(lm: nn.Module, config: PolicyTrainConfig) -> int:

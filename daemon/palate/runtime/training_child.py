@@ -514,7 +514,6 @@ def nightly_policy(
     """
     from palate.generation.dpo import train_policy
     from palate.generation.gate import PolicyGate, gate_entry
-    from palate.generation.policy import policy_artifact
     from palate.generation.service import evaluate_adapter
 
     t0 = time.time()
@@ -534,14 +533,7 @@ def nightly_policy(
     held = [p for p in newest(night.held_pairs, night.seqs, limit) if isinstance(p, PairExample)]
     PROGRESS.report("policy-reference", 0, 0, message="training the policy adapter")
     result = train_policy(train, pc, base=base, progress=on_policy_progress)
-    art = policy_artifact(
-        result.lm,
-        base,
-        pc.lora(),
-        train_config=pc.to_json(),
-        metrics=result.metrics,
-        training_data=result.data_summary,
-    )
+    art = result.artifact(base, pc)
     del result  # the artifact holds the weights; evaluation rebuilds the adapter from them
 
     def on_eval(phase: str, step: int, total: int) -> None:
