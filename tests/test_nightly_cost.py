@@ -32,13 +32,16 @@ TRAIN: dict[str, Any] = {
 }  # fmt: skip
 
 
-def pair_events(n: int, seed: int) -> list[dict[str, Any]]:
+def pair_events(
+    n: int, seed: int, prompt_words: int = 6, response_words: int = 5
+) -> list[dict[str, Any]]:
+    """Validated pair events on a learnable rule: the chosen response starts with "bravo"."""
     rnd = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "sigma", "kappa", "theta", "rho"]
     out = []
     for i in range(n):
-        q = " ".join(rnd.choice(words) for _ in range(6))
-        a = " ".join(rnd.choice(words) for _ in range(5))
+        q = " ".join(rnd.choice(words) for _ in range(prompt_words))
+        a = " ".join(rnd.choice(words) for _ in range(response_words))
         event = {"id": uuid.uuid4().hex, "kind": "pair", "source": "t", "ts": 1.7e9 + i,
                  "prompt": f"{q} {i}?", "chosen": f"bravo {a}", "rejected": a}  # fmt: skip
         out.append(validate_event(event, now=2e9))

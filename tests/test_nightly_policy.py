@@ -13,10 +13,8 @@ reward model, gate it and register it as a ``policy`` version.
 
 from __future__ import annotations
 
-import random
 import secrets
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,13 +25,14 @@ from palate.config import Config, PolicyConfig, load_config
 from palate.errors import PalateError
 from palate.evaluation.gate import GatePolicy
 from palate.evaluation.split import example_key, split_items
-from palate.events import PairExample, RatingExample, validate_event
+from palate.events import PairExample, RatingExample
 from palate.generation import dpo, gate
 from palate.generation.policy import POLICY_FORMAT
 from palate.model import artifacts
 from palate.paths import resolve
 from palate.runtime import training_child
 from palate.store.database import POLICY_KIND, IngestGroup, Store
+from test_nightly_cost import pair_events as nightly_cost_pair_events
 from tiny_gguf import tiny_args, tiny_model, write_gguf
 
 TRAIN: dict[str, Any] = {
@@ -52,16 +51,7 @@ KEY = secrets.token_bytes(32)
 
 
 def pair_events(n: int, seed: int) -> list[dict[str, Any]]:
-    rnd = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "sigma", "kappa", "theta", "rho"]
-    out = []
-    for i in range(n):
-        q = " ".join(rnd.choice(words) for _ in range(4))
-        a = " ".join(rnd.choice(words) for _ in range(3))
-        event = {"id": uuid.uuid4().hex, "kind": "pair", "source": "t", "ts": 1.7e9 + i,
-                 "prompt": f"{q} {i}?", "chosen": f"bravo {a}", "rejected": a}  # fmt: skip
-        out.append(validate_event(event, now=2e9))
-    return out
+    return nightly_cost_pair_events(n, seed, prompt_words=4, response_words=3)
 
 
 @pytest.fixture(scope="module")
