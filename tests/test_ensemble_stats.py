@@ -60,13 +60,13 @@ def test_member_stats_by_hand() -> None:
 
 def test_pair_information_by_hand() -> None:
     t = 2.0
-    a, b = np.array([3.0, -1.0, 0.5]), np.array([1.0, 1.0, 0.5])
-    d = [2.0, -2.0, 0.0]
+    a, b = np.array([3.0, -1.0, 1.5, 0.5]), np.array([1.0, 1.0, 0.5, 0.5])
+    d = [2.0, -2.0, 1.0, 0.0]
     p_k = [_sig(x / t) for x in d]
-    p_mean = _sig(sum(d) / 3 / t)
-    info = _h(sum(p_k) / 3) - sum(_h(p) for p in p_k) / 3
+    p_mean = _sig(sum(d) / 4 / t)
+    info = _h(sum(p_k) / 4) - sum(_h(p) for p in p_k) / 4
     got = pair_information(a, b, t)
-    assert got == pytest.approx((info, p_mean, (1 + 0 + 0.5) / 3), rel=1e-9)
+    assert got == pytest.approx((info, p_mean, (1 + 0 + 1 + 0.5) / 4), rel=1e-9)
     assert got[0] > 0.01
     # Members that agree give no information, however unsure they are.
     same = pair_information(np.full(4, 0.2), np.zeros(4), 1.0)
@@ -97,7 +97,9 @@ def test_question_text_for_each_case() -> None:
     assert split.why() == (
         "the 5 ensemble members split 3-2 on which is better (expected information 0.200 nats)"
     )
-    agree = Question(a=0, b=1, info=0.0, p_a_over_b=0.55, votes_a=1.0, members=2)
+    pair = Question(a=0, b=1, info=0.1, p_a_over_b=0.5, votes_a=0.5, members=2)
+    assert pair.why().startswith("the 2 ensemble members split 1-1 on which is better")
+    agree = Question(a=0, b=1, info=1e-4, p_a_over_b=0.55, votes_a=1.0, members=2)
     assert agree.why() == (
         "the 2 members agree; the closest call among the candidates (p(a beats b) = 0.55)"
     )
@@ -106,11 +108,24 @@ def test_question_text_for_each_case() -> None:
 
 
 def test_pick_question_prefers_information_then_the_closest_call() -> None:
-    # Candidates 0 and 1: members split; 2 is far below both, every member agrees.
-    members = np.array([[2.0, -2.0], [0.0, 0.0], [-9.0, -9.0]])
+    # (0, 1) is the closest call but every member agrees on it; (0, 2) and (1, 2) split the
+    # two members, (0, 2) a little more evenly.
+    members = np.array([[0.05, 0.05], [0.0, 0.0], [3.0, -1.0]])
     q = pick_question(members, 1.0)
-    assert q is not None and (q.a, q.b) == (0, 1) and q.members == 2
-    # One member: no information anywhere, so the closest call (0 vs 1: 0.1 apart).
-    single = pick_question(np.array([[0.1], [0.0], [3.0]]), 1.0)
-    assert single is not None and (single.a, single.b) == (0, 1)
+    assert q is not None and (q.a, q.b) == (0, 2) and q.members == 2
+    p_k = [_sig(-2.95), _sig(1.05)]
+    assert q.info == pytest.approx(_h(sum(p_k) / 2) - (_h(p_k[0]) + _h(p_k[1])) / 2)
+    assert q.info > pick_question(members[1:], 1.0).info  # type: ignore[union-attr]
+    assert q.p_a_over_b == pytest.approx(_sig(-0.95)) and q.votes_a == 0.5
+    # One member: no information anywhere, so the closest call: (1, 2), 0.2 apart.
+    single = pick_question(np.array([[3.0], [0.0], [0.2]]), 1.0)
+    assert single is not None and (single.a, single.b) == (1, 2)
+    flat = pick_question(np.array([3.0, 0.0, 0.2]), 1.0)  # a vector: one member each
+    assert flat is not None and (flat.a, flat.b) == (1, 2) and flat.members == 1
+    # Equally close calls: the first pair in order.
+    tie = pick_question(np.array([[0.0], [1.0], [2.0]]), 1.0)
+    assert tie is not None and (tie.a, tie.b) == (0, 1)
+    # Two candidates are enough; one is not.
+    two = pick_question(np.array([[1.0, 2.0], [0.0, 0.0]]), 1.0)
+    assert two is not None and (two.a, two.b) == (0, 1)
     assert pick_question(np.array([[1.0, 2.0]]), 1.0) is None
