@@ -60,8 +60,8 @@ def test_member_stats_by_hand() -> None:
 
 def test_pair_information_by_hand() -> None:
     t = 2.0
-    a, b = np.array([3.0, -1.0, 1.5, 0.5]), np.array([1.0, 1.0, 0.5, 0.5])
-    d = [2.0, -2.0, 1.0, 0.0]
+    a, b = np.array([3.0, -1.0, 1.0, 0.5]), np.array([1.0, 1.0, 0.5, 0.5])
+    d = [2.0, -2.0, 0.5, 0.0]
     p_k = [_sig(x / t) for x in d]
     p_mean = _sig(sum(d) / 4 / t)
     info = _h(sum(p_k) / 4) - sum(_h(p) for p in p_k) / 4
