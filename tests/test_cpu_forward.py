@@ -134,6 +134,50 @@ def test_zero_lora_reward_model_is_the_head_on_the_base(variant: str) -> None:
     assert self_check_error(base.model) < SELF_CHECK_TOLERANCE[False]
 
 
+def test_qwen3_norms_are_in_the_reward_model_and_keep_scoring_on_mlx() -> None:
+    """Qwen3's per-head q/k norms (on the allowlist) are applied by the reward model's own
+    forward, both the full and the last-token path, and the numpy engine, which does not
+    implement them, is never used for it. The norms' weights are randomised so that one
+    dropped or misapplied shows (found by mutation testing: no test built a qwen3)."""
+    from mlx_lm.models import qwen3
+
+    mx.random.seed(0)
+    args = qwen3.ModelArgs(
+        model_type="qwen3",
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=64,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        head_dim=16,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    model = qwen3.Model(args)
+    norms = [
+        # Scaled up so attention is sharp: near-uniform attention (small random weights)
+        # hides a norm missing on the last token's query (an error of 3e-4, under the 1e-3
+        # the self-check allows real checkpoints).
+        (k, 3.0 * (1.0 + 0.5 * mx.random.normal(v.shape)))
+        for k, v in tree_flatten(model.parameters())
+        if k.endswith(("q_norm.weight", "k_norm.weight")) and isinstance(v, mx.array)
+    ]
+    assert len(norms) == 8
+    model.load_weights(norms, strict=False)
+    mx.eval(model.parameters())
+    assert unsupported_architecture(model) is None
+    assert self_check_error(model) < 1e-4  # float32 round-off; a skipped norm gives 4e-3
+    assert "q/k norms" in (cpu_engine_unsupported(model) or "")
+    rm, base = _model_with_trained_lora(base=TinyBase(model=model, tokenizer=tiny_tokenizer()))
+    scorer = Scorer(rm, base.tokenizer, 64, cpu_forward=True)
+    assert scorer.engine is None
+    result = scorer.score("Human: which is better?", ["the first", "a second one here"])
+    assert all(math.isfinite(x) for x in result.raw) and result.raw[0] != result.raw[1]
+
+
 def test_unsupported_bases_are_refused_at_load() -> None:
     """Gemma scales its embeddings outside the blocks: not on the allowlist, and the
     self-check sees the reward model compute another function."""

@@ -102,3 +102,21 @@ def test_base_model_is_not_modified_and_reusable() -> None:
 def test_unsupported_lora_layers_rejected() -> None:
     with pytest.raises(ValueError):
         RewardModel(tiny_base().model, LoraConfig(layers=9))
+
+
+def test_lora_config_round_trips_every_field_and_reads_older_artifacts() -> None:
+    """What an artifact stores is what it loads (keys, dropout and depth included), and an
+    artifact written before a field existed loads with the behaviour it was trained with:
+    every block (depth 0), no dropout, the default keys (found by mutation testing)."""
+    import json
+
+    from palate.model.reward_model import DEFAULT_LORA_KEYS
+
+    cfg = LoraConfig(rank=4, alpha=3.0, layers=2, dropout=0.1, keys=("q_proj",), depth=5)
+    stored = json.loads(json.dumps(cfg.to_json()))
+    assert stored["keys"] == ["q_proj"] and stored["depth"] == 5
+    assert LoraConfig.from_json(stored) == cfg
+    older = {"rank": 4, "alpha": 3.0, "layers": 2}
+    assert LoraConfig.from_json(older) == LoraConfig(
+        rank=4, alpha=3.0, layers=2, dropout=0.0, keys=DEFAULT_LORA_KEYS, depth=0
+    )
