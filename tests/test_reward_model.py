@@ -120,3 +120,16 @@ def test_lora_config_round_trips_every_field_and_reads_older_artifacts() -> None
     assert LoraConfig.from_json(older) == LoraConfig(
         rank=4, alpha=3.0, layers=2, dropout=0.0, keys=DEFAULT_LORA_KEYS, depth=0
     )
+
+
+def test_an_empty_response_is_read_at_one_end_of_turn_position() -> None:
+    """Without a chat template an empty response renders to nothing; the head still needs
+    one position to read, the end-of-turn token (found by mutation)."""
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    _, responses = encode_prompt_responses(tok, "Human: hello", ["", "a b"])
+    assert responses[0] == [tok.eos_token_id] and responses[1] != responses[0]
+    with_template = encode_prompt_responses(tiny_tokenizer(), "Human: hello", [""])[1]
+    assert with_template == [[tok.eos_token_id]]  # the template's end of turn, stripped
