@@ -154,6 +154,11 @@ def test_kill9_at_random_points_during_ingest_loses_nothing_acknowledged(home: P
         stop = threading.Event()
         threads = wr.run_round(d, n, stop)
         time.sleep(rnd.uniform(0.02, 0.3))
+        # Land the kill on a request: right after the pause the writers may still be
+        # connecting or between two requests (30-50% of kills on a quiet machine).
+        deadline = time.monotonic() + 1.0
+        while not any(wr.inflight) and time.monotonic() < deadline:
+            time.sleep(0.0005)
         in_flight += any(wr.inflight)
         d.kill9()
         stop.set()
