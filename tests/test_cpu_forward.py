@@ -50,22 +50,25 @@ BASES = {
 }
 
 
+#: The tiny bases' shape, shared by every architecture built here.
+TINY_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=64,
+)
+
+
 def tiny_variant(name: str, seed: int = 0) -> Any:
     """A 4-block tiny base of the named kind, with random (non-zero) biases if it has any."""
     import mlx.nn as nn
     from mlx_lm.models import llama, qwen2
 
     kind, extra = BASES[name]
-    common = dict(
-        model_type=kind,
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-    )
+    common = dict(model_type=kind, **TINY_SHAPE)
     mx.random.seed(seed)
     module = llama if kind == "llama" else qwen2
     model = module.Model(module.ModelArgs(**{**common, **extra}))  # type: ignore[arg-type]
@@ -144,13 +147,7 @@ def test_qwen3_norms_are_in_the_reward_model_and_keep_scoring_on_mlx() -> None:
     mx.random.seed(0)
     args = qwen3.ModelArgs(
         model_type="qwen3",
-        hidden_size=64,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        num_attention_heads=4,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         max_position_embeddings=256,
         head_dim=16,
         tie_word_embeddings=True,
@@ -184,17 +181,8 @@ def test_unsupported_bases_are_refused_at_load() -> None:
     from mlx_lm.models import gemma
 
     mx.random.seed(0)
-    args = gemma.ModelArgs(
-        model_type="gemma",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        vocab_size=64,
-        num_key_value_heads=2,
-    )
+    shape = {**TINY_SHAPE, "num_hidden_layers": 2}
+    args = gemma.ModelArgs(model_type="gemma", **shape, head_dim=16)
     model = gemma.Model(args)
     mx.eval(model.parameters())
     assert "'gemma' is not supported" in (unsupported_architecture(model) or "")
