@@ -11,9 +11,7 @@ encrypted store: what it reuses from earlier nights (issue 15, "every later nigh
 
 from __future__ import annotations
 
-import random
 import secrets
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +19,15 @@ import pytest
 
 from palate.config import Config
 from palate.evaluation.gate import GatePolicy
-from palate.events import validate_event
 from palate.runtime import training_child
 from palate.store.database import IngestGroup, Store
+from store_events import pair_events
 from tiny_gguf import tiny_args, tiny_model, write_gguf
 
 TRAIN: dict[str, Any] = {
     "lora_layers": 1, "max_tokens": 64, "min_steps": 5, "members": 1, "epochs": 1,
     "lr": 3e-3, "batch_tokens": 1024,
 }  # fmt: skip
-
-
-def pair_events(
-    n: int, seed: int, prompt_words: int = 6, response_words: int = 5
-) -> list[dict[str, Any]]:
-    """Validated pair events on a learnable rule: the chosen response starts with "bravo"."""
-    rnd = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "sigma", "kappa", "theta", "rho"]
-    out = []
-    for i in range(n):
-        q = " ".join(rnd.choice(words) for _ in range(prompt_words))
-        a = " ".join(rnd.choice(words) for _ in range(response_words))
-        event = {"id": uuid.uuid4().hex, "kind": "pair", "source": "t", "ts": 1.7e9 + i,
-                 "prompt": f"{q} {i}?", "chosen": f"bravo {a}", "rejected": a}  # fmt: skip
-        out.append(validate_event(event, now=2e9))
-    return out
 
 
 @pytest.fixture()

@@ -32,7 +32,7 @@ from palate.model import artifacts
 from palate.paths import resolve
 from palate.runtime import training_child
 from palate.store.database import POLICY_KIND, IngestGroup, Store
-from test_nightly_cost import pair_events as nightly_cost_pair_events
+from store_events import pair_events
 from tiny_gguf import tiny_args, tiny_model, write_gguf
 
 TRAIN: dict[str, Any] = {
@@ -50,10 +50,6 @@ POLICY = PolicyConfig(
 KEY = secrets.token_bytes(32)
 
 
-def pair_events(n: int, seed: int) -> list[dict[str, Any]]:
-    return nightly_cost_pair_events(n, seed, prompt_words=4, response_words=3)
-
-
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A tiny base and a store of 160 pairs (29 held out) whose first night's reward
@@ -65,7 +61,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     mp.setattr(training_child, "say", lambda *a, **k: None)  # no daemon to read it
     store = Store(d / "p.db", KEY)
     try:
-        store.ingest([IngestGroup(pair_events(160, seed=1))])
+        store.ingest([IngestGroup(pair_events(160, seed=1, prompt_words=4, response_words=3))])
         first = training_child._run(
             store, Config(base_model=gguf, train=TRAIN), "n0", True, GatePolicy()
         )
@@ -175,7 +171,7 @@ def test_too_few_pairs_or_ratings_only_is_skipped_with_the_reason(
     monkeypatch.setattr(training_child, "say", lambda *a, **k: None)
     store = Store(tmp_path / "few.db", KEY)
     try:
-        store.ingest([IngestGroup(pair_events(40, seed=5))])
+        store.ingest([IngestGroup(pair_events(40, seed=5, prompt_words=4, response_words=3))])
         result = night(store, Config(base_model=seeded[0], train=TRAIN, policy=POLICY), "few")
         assert "the policy gate needs 20" in result["policy"]["skipped"]
         assert result["version"] is not None and policies(store) == []
