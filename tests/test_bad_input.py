@@ -185,6 +185,33 @@ def test_in_flight_limit_answers_busy(palate_daemon: DaemonProc) -> None:
     assert_still_serving(palate_daemon)
 
 
+def test_a_client_keeping_the_window_full_is_never_busy(palate_daemon: DaemonProc) -> None:
+    # A client honouring max_in_flight sends its next request the moment an answer
+    # arrives. The daemon must have freed that answer's slot before writing it: counting
+    # tasks until their done callbacks ran answered such a client busy (the JS client's
+    # pipelining test failed that way on a loaded 2-core machine).
+    s = raw_conn(palate_daemon)
+    total = 1500
+    s.sendall(b"".join(protocol.pack([0, i, "hello", {}]) for i in range(protocol.MAX_IN_FLIGHT)))
+    sent = protocol.MAX_IN_FLIGHT
+    u = msgpack.Unpacker(raw=False)
+    answers: list[Any] = []
+    while len(answers) < total:
+        u.feed(s.recv(65536))
+        more = []
+        for m in u:
+            answers.append(m)
+            if sent < total:
+                more.append(protocol.pack([0, sent, "hello", {}]))
+                sent += 1
+        if more:
+            s.sendall(b"".join(more))
+    busy = [m for m in answers if m[2] is not None]
+    assert busy == [], f"{len(busy)} of {total} answered with an error: {busy[:1]}"
+    assert sorted(m[1] for m in answers) == list(range(total))
+    s.close()
+
+
 def test_invalid_utf8_in_event_names_the_field(palate_daemon: DaemonProc) -> None:
     s = raw_conn(palate_daemon)
     ev = protocol.pack(

@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -136,6 +137,12 @@ class Connection:
         self.fed = 0  # bytes received on this connection
         self.msg_start = 0  # stream offset where the message being decoded began
         self.tasks: set[asyncio.Task[None]] = set()
+        # Requests admitted whose answer has not yet been handed to the transport. Not
+        # len(tasks): a task stays in that set until its done callback runs, after its
+        # answer was written, so a client that sends its next request the moment an answer
+        # arrives (as a client honouring max_in_flight does) could find the slot still
+        # taken and be answered busy; and notifications are tasks too.
+        self.unanswered = 0
         self.cancellable: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
         self._last = 0.0  # loop time bytes last arrived
@@ -151,10 +158,18 @@ class Connection:
         if self._task is not None:
             self._task.cancel()
 
-    async def send(self, data: bytes, timeout: float | None = None) -> None:
+    async def send(
+        self,
+        data: bytes,
+        timeout: float | None = None,
+        before_write: Callable[[], None] | None = None,
+    ) -> None:
         """Write one message; a peer that does not read it within the send timeout
-        (``timeout``, else the server's) is dropped, with everything queued for it."""
+        (``timeout``, else the server's) is dropped, with everything queued for it.
+        ``before_write`` runs under the write lock just before the bytes are handed over."""
         async with self._write_lock:
+            if before_write is not None:
+                before_write()
             if self.writer.is_closing():
                 return
             self.writer.write(data)
@@ -291,7 +306,7 @@ class Connection:
                 # Notifications get no answer by definition; none is defined yet.
                 log.debug("ignored notification %s", req.method[:64])
                 continue
-            if len(self.tasks) >= protocol.MAX_IN_FLIGHT:
+            if self.unanswered >= protocol.MAX_IN_FLIGHT:
                 await self.send(
                     protocol.response(
                         req.msgid,
@@ -304,6 +319,7 @@ class Connection:
                     )
                 )
                 continue
+            self.unanswered += 1
             task = asyncio.create_task(self._answer(req))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -312,6 +328,23 @@ class Connection:
                 task.add_done_callback(self.cancellable.discard)
 
     async def _answer(self, req: protocol.Request) -> None:
+        assert req.msgid is not None
+        # The slot is freed exactly once: just before the answer is written, or on the way
+        # out if the task is cancelled (or fails) before that.
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                self.unanswered -= 1
+
+        try:
+            await self._compute_and_send(req, free)
+        finally:
+            free()
+
+    async def _compute_and_send(self, req: protocol.Request, free: Callable[[], None]) -> None:
         assert req.msgid is not None
         # Long-running methods (train with wait) stream progress back on this connection.
         NOTIFY.set(self._notify)
@@ -333,7 +366,7 @@ class Connection:
                     "internal", "internal error; the daemon is still running (see its log)"
                 ),
             )
-        await self.send(payload)
+        await self.send(payload, before_write=free)
 
     def _notify(self, method: str, params: Any) -> None:
         task = asyncio.create_task(self.send(protocol.notification(method, params)))
