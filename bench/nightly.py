@@ -20,6 +20,11 @@ a real encrypted store in a temp dir, the embedded model and HH dev pairs:
    ``[train]`` settings (e.g. ``--variant warm_start=true``): wall time, held-out accuracy
    and the gate's decision side by side.
 
+With ``--policy``, ``[policy] nightly = true`` (its defaults): every night also trains, judges
+and gates a DPO policy adapter after the reward model's part (docs/generation.md), and the
+night's line gives that part's seconds and decision. Night 1 usually skips it (no reward model
+is deployed to judge samples yet); night 2 runs it against the deployed one: the whole night.
+
 Prints each night's wall time split into load+training and judging, the cache's reuse
 figures, and the ratios night2/night1 (goal <= 0.4) and night2/night2-without-cache.
 
@@ -45,7 +50,7 @@ import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from palate.config import Config  # noqa: E402
+from palate.config import Config, PolicyConfig  # noqa: E402
 from palate.evaluation.gate import GatePolicy  # noqa: E402
 from palate.events import validate_event  # noqa: E402
 from palate.runtime import training_child  # noqa: E402
@@ -112,6 +117,7 @@ def night(store: Store, cfg: Config, name: str) -> dict[str, Any]:
         "train_s": round(judged - t0, 1),
         "judge_s": round(t0 + wall - judged, 1),
         "frozen_cache": kept,
+        "policy": result.get("policy"),
     }
 
 
@@ -131,6 +137,10 @@ def main() -> int:
         "--variant", action="append", default=[], metavar="KEY=JSON[,KEY=JSON]",
         help="night 2 again on a copy with these [train] settings (repeatable)",
     )  # fmt: skip
+    ap.add_argument(
+        "--policy", action="store_true",
+        help="[policy] nightly = true: measure the nightly policy run too",
+    )  # fmt: skip
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()
     with open(args.data, encoding="utf-8") as fh:
@@ -144,10 +154,16 @@ def main() -> int:
     for item in args.set:
         k, _, v = item.partition("=")
         train[k] = json.loads(v)
-    cfg = Config(train=train, **({"base_model": args.base_model} if args.base_model else {}))
+    cfg = Config(
+        train=train,
+        policy=PolicyConfig(nightly=args.policy),
+        **({"base_model": args.base_model} if args.base_model else {}),
+    )
     root = Path(tempfile.mkdtemp(prefix="palate-nightly-"))
     key = secrets.token_bytes(32)
-    out: dict[str, Any] = {"pairs": args.pairs, "new": extra, "train": train}
+    out: dict[str, Any] = {
+        "pairs": args.pairs, "new": extra, "train": train, "policy_nightly": args.policy,
+    }  # fmt: skip
     try:
         store = Store(root / "palate.db", key)
         now = time.time() - 10 * 86_400
@@ -178,7 +194,7 @@ def main() -> int:
         for name, settings in variants:
             copy = root / f"variant-{len(out['variants'])}"
             shutil.copytree(snapshot, copy)
-            vcfg = Config(train={**train, **settings}, base_model=cfg.base_model)
+            vcfg = Config(train={**train, **settings}, base_model=cfg.base_model, policy=cfg.policy)
             vstore = Store(copy / "palate.db", key)
             print(f"night 2 again, {name}", flush=True)
             nv = night(vstore, vcfg, f"night-2-{name}")
@@ -195,6 +211,10 @@ def main() -> int:
         f"\nnight 1 {n1['wall_s']:.0f} s, night 2 (+{extra} pairs) {n2['wall_s']:.0f} s: "
         f"{out['ratio']}x (goal <= 0.4)"
     )
+    for label, n in (("night 1", n1), ("night 2", n2)):
+        pol = n.get("policy")
+        if pol:
+            print(f"{label} policy part: {json.dumps(pol)}")
     for name, nv in out["variants"].items():
         print(
             f"night 2 {name}: {nv['wall_s']:.0f} s = {nv['ratio_to_night1']}x night 1, "
